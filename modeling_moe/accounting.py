@@ -1,0 +1,86 @@
+"""Parameter accounting: total and active parameters per component, from a config (meta device) or a model."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .configuration_moe import MoeConfig
+from .modeling_moe import MoeForCausalLM
+
+COMPONENTS = ("embeddings", "attention", "routers", "experts", "dense_ffn", "norms", "head")
+
+# First matching pattern wins; every parameter of MoeForCausalLM matches exactly one.
+_COMPONENT_PATTERNS = (
+    ("embeddings", re.compile(r"(^|\.)embed_tokens\.")),
+    ("attention", re.compile(r"\.self_attn\.")),
+    ("routers", re.compile(r"\.mlp\.router\.")),
+    ("experts", re.compile(r"\.mlp\.experts\.")),
+    ("dense_ffn", re.compile(r"\.mlp\.(gate|up|down)_proj\.")),
+    ("norms", re.compile(r"(layernorm|(^|\.)norm)\.weight$")),
+    ("head", re.compile(r"^lm_head\.")),
+)
+
+
+@dataclass
+class ParameterCount:
+    """Parameter counts per component (see `COMPONENTS`).
+
+    `total[c]` counts every parameter of component c once (tied weights once). `active[c]` counts the
+    parameters one token uses in a forward pass: experts scale by k / E, everything else is fully active.
+    """
+
+    total: dict[str, int] = field(default_factory=dict)
+    active: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total_params(self) -> int:
+        """Sum of `total` over components."""
+        return sum(self.total.values())
+
+    @property
+    def active_params(self) -> int:
+        """Sum of `active` over components."""
+        return sum(self.active.values())
+
+
+def _component(name: str) -> str:
+    for component, pattern in _COMPONENT_PATTERNS:
+        if pattern.search(name):
+            return component
+    raise ValueError(f"parameter {name!r} belongs to no known component {COMPONENTS}")
+
+
+def count_parameters(config_or_model: MoeConfig | nn.Module) -> ParameterCount:
+    """Count total and active parameters per component.
+
+    Args:
+        config_or_model: a `MoeConfig` (the model is built on the meta device, so no memory is allocated)
+            or a built `MoeForCausalLM`.
+    Returns:
+        A `ParameterCount`; `.total_params` and `.active_params` give the sums.
+    Raises:
+        TypeError: for anything else.
+    """
+    if isinstance(config_or_model, MoeConfig):
+        with torch.device("meta"):
+            model = MoeForCausalLM(config_or_model)
+    elif isinstance(config_or_model, MoeForCausalLM):
+        model = config_or_model
+    else:
+        raise TypeError(f"count_parameters takes a MoeConfig or a MoeForCausalLM, got {type(config_or_model).__name__}")
+    config = model.config
+    active_fraction = config.num_experts_per_tok / config.num_local_experts
+    counts = ParameterCount(total=dict.fromkeys(COMPONENTS, 0), active=dict.fromkeys(COMPONENTS, 0))
+    for name, param in model.named_parameters():  # tied parameters are listed once
+        component = _component(name)
+        counts.total[component] += param.numel()
+    for component, n in counts.total.items():
+        counts.active[component] = round(n * active_fraction) if component == "experts" else n
+    return counts
+
+
+__all__ = ["COMPONENTS", "ParameterCount", "count_parameters"]

@@ -1,0 +1,293 @@
+"""`MoeConfig`: one flat, validated configuration for every model in this repository.
+
+Every option of the architecture is declared here and nowhere else. Field names follow transformers' own
+MoE models where one exists (`num_local_experts`, `num_experts_per_tok`, `router_aux_loss_coef`,
+`output_router_logits`, `mlp_layer_types`), so code written for Mixtral reads these configs unchanged.
+
+No field is named like a generation parameter (`top_k`, `temperature`, ...): transformers refuses to save
+such configs.
+"""
+
+from __future__ import annotations
+
+import math
+
+from transformers.activations import ACT2FN
+from transformers.configuration_utils import PreTrainedConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, RopeParameters
+
+ROUTER_TYPES = ("topk_softmax", "switch")
+ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
+BOOL_FIELDS = (
+    "use_cache",
+    "tie_word_embeddings",
+    "attention_bias",
+    "qkv_bias",
+    "mlp_bias",
+    "capacity_in_generation",
+    "output_router_logits",
+)
+
+
+class MoeConfigError(ValueError):
+    """A `MoeConfig` field holds an impossible value. The message names the field and what is allowed."""
+
+
+class MoeConfig(PreTrainedConfig):
+    r"""Configuration of a decoder-only causal LM whose FFNs are dense or mixture-of-experts, layer by layer.
+
+    Decoder (same meaning as in transformers' Llama / Mistral / Qwen2 / Mixtral configs):
+        vocab_size, hidden_size, num_hidden_layers, num_attention_heads, num_key_value_heads (GQA; defaults to
+        `num_attention_heads`), head_dim (defaults to `hidden_size // num_attention_heads`), hidden_act,
+        max_position_embeddings, initializer_range, rms_norm_eps, rope_parameters (transformers' RoPE dict,
+        e.g. `{"rope_type": "default", "rope_theta": 1e6}`), attention_dropout, tie_word_embeddings.
+        sliding_window: window size in tokens, or None.
+        layer_types: per-layer attention type, "full_attention" or "sliding_attention". Defaults to
+            "sliding_attention" on every layer when `sliding_window` is set (Mistral), else "full_attention".
+
+    Biases (enough to express the dense families that upcycling reads):
+        attention_bias: bias on q, k, v and o (Llama's `attention_bias`).
+        qkv_bias: bias on q, k and v only (Qwen2).
+        mlp_bias: bias on the dense FFN's gate, up and down projections (Llama's `mlp_bias`).
+
+    FFN sizes:
+        intermediate_size: dense FFN layers.
+        moe_intermediate_size: each expert; defaults to `intermediate_size`.
+
+    Experts and which layers have them:
+        num_local_experts: E, experts per MoE layer.
+        num_experts_per_tok: k, experts each token is sent to.
+        moe_layer_frequency: f; layer i (0-based) is MoE when (i + 1) % f == 0, as Qwen2-MoE's
+            `decoder_sparse_step`: 1 = every layer, 2 = layers 1, 3, 5, ...
+        moe_layers: explicit list of MoE layer indices; overrides `moe_layer_frequency`. After construction it
+            always holds the resolved list, and `mlp_layer_types` (transformers' standard per-layer field) holds
+            "sparse" / "dense" per layer. Passing only `mlp_layer_types` works too.
+
+    Routing:
+        router_type: "topk_softmax" (Mixtral: softmax over all experts, keep the top k, renormalise) or
+            "switch" (Switch Transformer: top-1, output scaled by the router probability; needs k = 1).
+        capacity_factor_train / capacity_factor_eval: capacity factor in training / eval mode, or None for
+            dropless routing. An expert takes at most ceil(tokens * k * capacity_factor / E) assignments per
+            forward pass; assignments over capacity are dropped and the token passes through the residual.
+        capacity_in_generation: apply `capacity_factor_eval` inside `generate()` too. Off by default:
+            capacity depends on how many tokens share a forward pass, so a cached decode step (one token)
+            cannot reproduce the drops of a full forward pass, and generation would depend on the cache.
+        router_jitter_noise: multiplicative uniform noise on the router input in training (Switch, Sec. 2.4).
+
+    Losses (added to the LM loss whenever `labels` are given, padding masked by `attention_mask`):
+        router_aux_loss_coef: Switch/GShard load-balancing loss weight.
+        router_z_loss_coef: ST-MoE router z-loss weight.
+        output_router_logits: return the raw router logits (one tensor per MoE layer) by default.
+
+    Raises:
+        MoeConfigError (a ValueError): a field holds an impossible value; the message names it.
+    """
+
+    model_type = "moe_lm"
+    keys_to_ignore_at_inference = ["past_key_values"]
+    attribute_map = {"num_experts": "num_local_experts"}
+    base_model_pp_plan = {
+        "embed_tokens": (["input_ids"], ["inputs_embeds"]),
+        "layers": (["hidden_states", "attention_mask"], ["hidden_states"]),
+        "norm": (["hidden_states"], ["hidden_states"]),
+    }
+
+    # Decoder
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 14336
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 32768
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-5
+    use_cache: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    tie_word_embeddings: bool = False
+    rope_parameters: RopeParameters | dict | None = None
+    sliding_window: int | None = None
+    layer_types: list[str] | None = None
+    attention_dropout: float | int = 0.0
+    # Biases
+    attention_bias: bool = False
+    qkv_bias: bool = False
+    mlp_bias: bool = False
+    # Experts
+    moe_intermediate_size: int | None = None
+    num_local_experts: int = 8
+    num_experts_per_tok: int = 2
+    moe_layer_frequency: int = 1
+    moe_layers: list[int] | None = None
+    mlp_layer_types: list[str] | None = None
+    # Routing
+    router_type: str = "topk_softmax"
+    capacity_factor_train: float | int | None = None
+    capacity_factor_eval: float | int | None = None
+    capacity_in_generation: bool = False
+    router_jitter_noise: float | int = 0.0
+    # Losses
+    router_aux_loss_coef: float | int = 0.001
+    router_z_loss_coef: float | int = 0.0
+    output_router_logits: bool = False
+
+    def __post_init__(self, **kwargs):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.moe_intermediate_size is None:
+            self.moe_intermediate_size = self.intermediate_size
+        if self.layer_types is None:
+            attn = "sliding_attention" if self.sliding_window is not None else "full_attention"
+            self.layer_types = [attn] * self.num_hidden_layers
+        self._resolve_moe_layers()
+        self._validate()
+        super().__post_init__(**kwargs)
+        self._validate_rope()
+
+    def _validate_rope(self) -> None:
+        rope = self.rope_parameters
+        rope_type = rope.get("rope_type") if isinstance(rope, dict) else None
+        if rope_type is not None and rope_type != "default" and rope_type not in ROPE_INIT_FUNCTIONS:
+            raise MoeConfigError(
+                f"rope_parameters['rope_type'] must be 'default' or one of {sorted(ROPE_INIT_FUNCTIONS)}, "
+                f"got {rope_type!r}"
+            )
+        try:
+            self.validate_rope()
+        except (KeyError, ValueError, TypeError) as err:
+            raise MoeConfigError(f"rope_parameters {rope!r} is invalid: {err}") from err
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def resolved_head_dim(self) -> int:
+        """Per-head size: `head_dim` if set, else `hidden_size // num_attention_heads`."""
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_attention_heads
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """True when decoder layer `layer_idx` (0-based) has a mixture-of-experts FFN."""
+        return self.mlp_layer_types[layer_idx] == "sparse"
+
+    def _resolve_moe_layers(self) -> None:
+        n = self.num_hidden_layers
+        _check_positive_int("num_hidden_layers", n)
+        if self.moe_layers is not None:
+            _check_layer_list("moe_layers", self.moe_layers, n)
+            resolved = sorted(self.moe_layers)
+        elif self.mlp_layer_types is not None:
+            _check_types_list("mlp_layer_types", self.mlp_layer_types, ("sparse", "dense"), n)
+            resolved = [i for i, t in enumerate(self.mlp_layer_types) if t == "sparse"]
+        else:
+            f = self.moe_layer_frequency
+            if not isinstance(f, int) or isinstance(f, bool) or f < 1:
+                raise MoeConfigError(f"moe_layer_frequency must be an integer >= 1 (1 = every layer), got {f!r}")
+            resolved = [i for i in range(n) if (i + 1) % f == 0]
+        types = ["sparse" if i in set(resolved) else "dense" for i in range(n)]
+        if self.mlp_layer_types is not None and list(self.mlp_layer_types) != types:
+            raise MoeConfigError(
+                f"mlp_layer_types {self.mlp_layer_types} contradicts moe_layers {resolved}; give one of them, "
+                "or make them agree"
+            )
+        self.moe_layers = resolved
+        self.mlp_layer_types = types
+
+    def _validate(self) -> None:
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "moe_intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "max_position_embeddings",
+            "num_local_experts",
+            "num_experts_per_tok",
+        ):
+            _check_positive_int(name, getattr(self, name))
+        if self.head_dim is not None:
+            _check_positive_int("head_dim", self.head_dim)
+        elif self.hidden_size % self.num_attention_heads != 0:
+            raise MoeConfigError(
+                f"num_attention_heads ({self.num_attention_heads}) must divide hidden_size ({self.hidden_size}) "
+                "when head_dim is not given; set head_dim explicitly or pick a divisor"
+            )
+        if self.num_attention_heads % self.num_key_value_heads != 0:
+            raise MoeConfigError(
+                f"num_key_value_heads ({self.num_key_value_heads}) must divide num_attention_heads "
+                f"({self.num_attention_heads})"
+            )
+        if self.hidden_act not in ACT2FN:
+            raise MoeConfigError(
+                f"hidden_act must be one of transformers' activations {sorted(ACT2FN)}, got {self.hidden_act!r}"
+            )
+        if self.num_experts_per_tok > self.num_local_experts:
+            raise MoeConfigError(
+                f"num_experts_per_tok ({self.num_experts_per_tok}) must be <= num_local_experts "
+                f"({self.num_local_experts})"
+            )
+        if self.router_type not in ROUTER_TYPES:
+            raise MoeConfigError(f"router_type must be one of {ROUTER_TYPES}, got {self.router_type!r}")
+        if self.router_type == "switch" and self.num_experts_per_tok != 1:
+            raise MoeConfigError(
+                f"router_type='switch' sends each token to one expert: num_experts_per_tok must be 1, "
+                f"got {self.num_experts_per_tok}"
+            )
+        for name in ("capacity_factor_train", "capacity_factor_eval"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not _is_number(value) or not value > 0):
+                raise MoeConfigError(f"{name} must be None (dropless) or a number > 0, got {value!r}")
+        for name in ("router_aux_loss_coef", "router_z_loss_coef", "attention_dropout", "initializer_range"):
+            value = getattr(self, name)
+            if not _is_number(value) or value < 0:
+                raise MoeConfigError(f"{name} must be a number >= 0, got {value!r}")
+        if not _is_number(self.router_jitter_noise) or not 0 <= self.router_jitter_noise < 1:
+            raise MoeConfigError(f"router_jitter_noise must be in [0, 1), got {self.router_jitter_noise!r}")
+        if not _is_number(self.rms_norm_eps) or self.rms_norm_eps <= 0:
+            raise MoeConfigError(f"rms_norm_eps must be a number > 0, got {self.rms_norm_eps!r}")
+        if self.sliding_window is not None:
+            _check_positive_int("sliding_window", self.sliding_window)
+        _check_types_list("layer_types", self.layer_types, ATTENTION_LAYER_TYPES, self.num_hidden_layers)
+        if "sliding_attention" in self.layer_types and self.sliding_window is None:
+            raise MoeConfigError("layer_types has 'sliding_attention' layers, so sliding_window must be set (> 0)")
+        for name in BOOL_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                raise MoeConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.rope_parameters is not None and not isinstance(self.rope_parameters, dict):
+            raise MoeConfigError(
+                f"rope_parameters must be a dict such as {{'rope_type': 'default', 'rope_theta': 10000.0}}, "
+                f"got {self.rope_parameters!r}"
+            )
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_positive_int(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise MoeConfigError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def _check_layer_list(name: str, layers, num_layers: int) -> None:
+    if not isinstance(layers, (list, tuple)):
+        raise MoeConfigError(f"{name} must be a list of layer indices, got {layers!r}")
+    for i in layers:
+        if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < num_layers:
+            raise MoeConfigError(f"{name} entries must be layer indices in [0, {num_layers - 1}], got {i!r}")
+    if len(set(layers)) != len(layers):
+        raise MoeConfigError(f"{name} has duplicate layer indices: {list(layers)}")
+
+
+def _check_types_list(name: str, types, allowed: tuple[str, ...], num_layers: int) -> None:
+    if not isinstance(types, (list, tuple)) or len(types) != num_layers:
+        raise MoeConfigError(f"{name} must be a list with one entry per layer ({num_layers}), got {types!r}")
+    bad = [t for t in types if t not in allowed]
+    if bad:
+        raise MoeConfigError(f"{name} entries must be in {allowed}, got {bad}")
+
+
+__all__ = ["MoeConfig", "MoeConfigError"]

@@ -1,0 +1,156 @@
+"""Interop with transformers' Mixtral: `from_mixtral` and `to_mixtral`, as declarative key and field maps.
+
+Weights use the same layout on both sides (experts as 3-D `gate_up_proj` (E, 2I, D) and `down_proj` (E, D, I)),
+so the conversion is a rename of the router plus a config translation. Exporting lets engines that know
+Mixtral but not remote code serve a Mixtral-style model of this repository.
+
+One training-time difference remains: Mixtral's `router_jitter_noise` multiplies the hidden states fed to
+router and experts, ours (Switch, Sec. 2.4) only the router input. With jitter 0, or in eval mode, the two
+compute the same function.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+
+from transformers import AutoConfig, MixtralConfig, MixtralForCausalLM
+
+from .configuration_moe import MoeConfig
+from .modeling_moe import MoeForCausalLM
+
+logger = logging.getLogger(__name__)
+
+# Mixtral state-dict key pattern -> ours. Every other key has the same name on both sides.
+MIXTRAL_TO_MOE_KEYS = {r"\.mlp\.gate\.weight$": ".mlp.router.weight"}
+MOE_TO_MIXTRAL_KEYS = {r"\.mlp\.router\.weight$": ".mlp.gate.weight"}
+
+# Config fields that mean the same thing on both sides.
+SHARED_CONFIG_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "hidden_act",
+    "max_position_embeddings",
+    "initializer_range",
+    "rms_norm_eps",
+    "use_cache",
+    "pad_token_id",
+    "bos_token_id",
+    "eos_token_id",
+    "tie_word_embeddings",
+    "sliding_window",
+    "attention_dropout",
+    "num_experts_per_tok",
+    "num_local_experts",
+    "output_router_logits",
+    "router_aux_loss_coef",
+    "router_jitter_noise",
+    "rope_parameters",
+)
+
+
+def _rename(key: str, table: dict[str, str]) -> str:
+    for pattern, replacement in table.items():
+        if re.search(pattern, key):
+            return re.sub(pattern, replacement, key)
+    return key
+
+
+def mixtral_config_to_moe(config: MixtralConfig) -> MoeConfig:
+    """Translate a `MixtralConfig` into the `MoeConfig` of the same architecture (every layer MoE)."""
+    values = {name: getattr(config, name) for name in SHARED_CONFIG_FIELDS}
+    values["rope_parameters"] = dict(config.rope_parameters) if config.rope_parameters else None
+    return MoeConfig(
+        **values,
+        intermediate_size=config.intermediate_size,
+        moe_intermediate_size=config.intermediate_size,
+        router_type="topk_softmax",
+        router_z_loss_coef=0.0,
+    )
+
+
+def moe_config_to_mixtral(config: MoeConfig) -> MixtralConfig:
+    """Translate a `MoeConfig` into a `MixtralConfig`.
+
+    Raises:
+        ValueError: naming the first field Mixtral cannot express (dense layers, Switch routing, capacity,
+            biases, mixed attention layer types).
+    """
+    problems = []
+    if config.mlp_layer_types != ["sparse"] * config.num_hidden_layers:
+        problems.append(f"moe_layers={config.moe_layers}: Mixtral has an MoE FFN on every layer")
+    if config.router_type != "topk_softmax":
+        problems.append(f"router_type={config.router_type!r}: Mixtral routes with 'topk_softmax'")
+    for name in ("capacity_factor_train", "capacity_factor_eval"):
+        if getattr(config, name) is not None:
+            problems.append(f"{name}={getattr(config, name)}: Mixtral routing is dropless (None)")
+    for name in ("attention_bias", "qkv_bias", "mlp_bias"):
+        if getattr(config, name):
+            problems.append(f"{name}=True: Mixtral has no biases")
+    if len(set(config.layer_types)) != 1:
+        problems.append(f"layer_types={config.layer_types}: Mixtral uses one attention type on every layer")
+    if problems:
+        raise ValueError("cannot export to Mixtral: " + "; ".join(problems))
+    if config.router_z_loss_coef > 0:
+        logger.warning(
+            "router_z_loss_coef=%s is not carried over: Mixtral has no router z-loss", config.router_z_loss_coef
+        )
+    values = {name: getattr(config, name) for name in SHARED_CONFIG_FIELDS}
+    values["rope_parameters"] = dict(config.rope_parameters) if config.rope_parameters else None
+    if config.layer_types[0] == "full_attention":
+        values["sliding_window"] = None
+    return MixtralConfig(**values, intermediate_size=config.moe_intermediate_size)
+
+
+def from_mixtral(model_or_dir: MixtralForCausalLM | str | os.PathLike) -> MoeForCausalLM:
+    """Convert a transformers Mixtral (model object or checkpoint directory with safetensors) into ours.
+
+    Args:
+        model_or_dir: a `MixtralForCausalLM`, or a local directory / Hub id of one (loaded with safetensors only).
+    Returns:
+        A `MoeForCausalLM` with the same weights and dtype, which computes the same logits.
+    Raises:
+        ValueError: the checkpoint is not a Mixtral. FileNotFoundError: the directory does not exist.
+    """
+    if isinstance(model_or_dir, (str, os.PathLike)):
+        path = Path(model_or_dir)
+        if not path.exists() and os.path.isabs(model_or_dir):
+            raise FileNotFoundError(f"no Mixtral checkpoint at {path}")
+        config = AutoConfig.from_pretrained(model_or_dir)
+        if config.model_type != "mixtral":
+            raise ValueError(f"from_mixtral needs a checkpoint with model_type 'mixtral', got {config.model_type!r}")
+        model_or_dir = MixtralForCausalLM.from_pretrained(model_or_dir, use_safetensors=True)
+    if not isinstance(model_or_dir, MixtralForCausalLM):
+        raise TypeError(f"from_mixtral takes a MixtralForCausalLM or a path, got {type(model_or_dir).__name__}")
+    source = model_or_dir
+    config = mixtral_config_to_moe(source.config)
+    dtype = next(source.parameters()).dtype
+    model = MoeForCausalLM(config).to(dtype)
+    state = {_rename(k, MIXTRAL_TO_MOE_KEYS): v for k, v in source.state_dict().items()}
+    model.load_state_dict(state, strict=True)
+    return model.eval() if not source.training else model
+
+
+def to_mixtral(model: MoeForCausalLM) -> MixtralForCausalLM:
+    """Convert a Mixtral-expressible `MoeForCausalLM` into transformers' `MixtralForCausalLM` (same weights).
+
+    Raises:
+        ValueError: the config uses an option Mixtral cannot express (see `moe_config_to_mixtral`).
+    """
+    if not isinstance(model, MoeForCausalLM):
+        raise TypeError(f"to_mixtral takes a MoeForCausalLM, got {type(model).__name__}")
+    config = moe_config_to_mixtral(model.config)
+    dtype = next(model.parameters()).dtype
+    target = MixtralForCausalLM(config).to(dtype)
+    state = {_rename(k, MOE_TO_MIXTRAL_KEYS): v for k, v in model.state_dict().items()}
+    target.load_state_dict(state, strict=True)
+    return target.eval() if not model.training else target
+
+
+__all__ = ["from_mixtral", "mixtral_config_to_moe", "moe_config_to_mixtral", "to_mixtral"]

@@ -1,0 +1,79 @@
+"""Hub portability: a saved model loads with trust_remote_code where this package cannot be imported."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import torch
+
+from modeling_moe import MoeForCausalLM
+from tests.conftest import tiny_config
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+LOADER = textwrap.dedent(
+    """
+    import sys
+    # This environment has torch and transformers but not our package: make any import of it fail,
+    # and drop the repository from the path.
+    sys.modules["modeling_moe"] = None
+    import os
+    sys.path[:] = [p for p in sys.path if p and os.path.abspath(p) != "{repo}"]
+    import json, torch
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+    assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+    ids = torch.load(sys.argv[2], weights_only=True)
+    with torch.no_grad():
+        out = model(ids, output_router_logits=True)
+    generated = model.generate(ids[:1, :4], max_new_tokens=6, do_sample=False, pad_token_id=0)
+    torch.save({{"logits": out.logits, "aux": out.aux_loss, "generated": generated}}, sys.argv[3])
+    print(json.dumps({{"class": type(model).__name__, "router_layers": len(out.router_logits)}}))
+    """
+)
+
+
+def test_trust_remote_code_round_trip_in_a_fresh_process(tmp_path):
+    config = tiny_config(num_hidden_layers=2, moe_layers=[1], qkv_bias=True, capacity_factor_eval=1.5)
+    model = MoeForCausalLM(config).eval()
+    checkpoint = tmp_path / "ckpt"
+    model.save_pretrained(checkpoint)
+    saved = json.loads((checkpoint / "config.json").read_text())
+    assert saved["auto_map"] == {
+        "AutoConfig": "configuration_moe.MoeConfig",
+        "AutoModel": "modeling_moe.MoeModel",
+        "AutoModelForCausalLM": "modeling_moe.MoeForCausalLM",
+        "AutoModelForSequenceClassification": "modeling_moe.MoeForSequenceClassification",
+    }
+    assert not list(checkpoint.glob("*.bin")), "weights must be safetensors"
+
+    ids = torch.randint(3, 128, (2, 9))
+    torch.save(ids, tmp_path / "ids.pt")
+    script = tmp_path / "load.py"
+    script.write_text(LOADER.format(repo=str(REPO_ROOT)))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
+    result = subprocess.run(
+        [sys.executable, str(script), str(checkpoint), str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    info = json.loads(result.stdout.strip().splitlines()[-1])
+    assert info == {"class": "MoeForCausalLM", "router_layers": 1}
+
+    remote = torch.load(tmp_path / "out.pt", weights_only=True)
+    with torch.no_grad():
+        local = model(ids)
+    assert torch.equal(remote["logits"], local.logits)
+    assert torch.equal(remote["aux"], local.aux_loss)
+    expected = model.generate(ids[:1, :4], max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(remote["generated"], expected)

@@ -1,0 +1,1 @@
+"""Entry points and helpers for training, fine-tuning and the end-to-end demo."""
