@@ -11,7 +11,7 @@ from torch import nn
 from .configuration_moe import MoeConfig
 from .modeling_moe import MoeForCausalLM
 
-COMPONENTS = ("embeddings", "attention", "routers", "experts", "dense_ffn", "norms", "head")
+COMPONENTS = ("embeddings", "attention", "routers", "experts", "shared_experts", "dense_ffn", "norms", "head")
 
 # First matching pattern wins; every parameter of MoeForCausalLM matches exactly one.
 _COMPONENT_PATTERNS = (
@@ -19,6 +19,7 @@ _COMPONENT_PATTERNS = (
     ("attention", re.compile(r"\.self_attn\.")),
     ("routers", re.compile(r"\.mlp\.router\.")),
     ("experts", re.compile(r"\.mlp\.experts\.")),
+    ("shared_experts", re.compile(r"\.mlp\.shared_expert(_gate)?\.")),
     ("dense_ffn", re.compile(r"\.mlp\.(gate|up|down)_proj\.")),
     ("norms", re.compile(r"(layernorm|(^|\.)norm)\.weight$")),
     ("head", re.compile(r"^lm_head\.")),

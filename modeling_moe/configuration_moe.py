@@ -16,7 +16,16 @@ from transformers.activations import ACT2FN
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, RopeParameters
 
-ROUTER_TYPES = ("topk_softmax", "switch")
+ROUTER_TYPES = ("topk_softmax", "switch", "noisy_topk", "sigmoid_grouped", "expert_choice")
+CAPACITY_POLICIES = ("drop", "priority", "next_choice")
+# norm_topk_prob=None means the router's own convention.
+DEFAULT_NORM_TOPK_PROB = {
+    "topk_softmax": True,
+    "switch": False,
+    "noisy_topk": True,
+    "sigmoid_grouped": True,
+    "expert_choice": False,
+}
 ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
 BOOL_FIELDS = (
     "use_cache",
@@ -26,6 +35,8 @@ BOOL_FIELDS = (
     "mlp_bias",
     "capacity_in_generation",
     "output_router_logits",
+    "router_aux_loss_per_layer",
+    "shared_expert_gate",
 )
 
 
@@ -124,14 +135,25 @@ class MoeConfig(PreTrainedConfig):
     moe_layer_frequency: int = 1
     moe_layers: list[int] | None = None
     mlp_layer_types: list[str] | None = None
+    num_shared_experts: int = 0
+    shared_expert_intermediate_size: int | None = None
+    shared_expert_gate: bool = False
     # Routing
     router_type: str = "topk_softmax"
+    norm_topk_prob: bool | None = None
+    routed_scaling_factor: float | int = 1.0
+    n_group: int = 1
+    topk_group: int = 1
     capacity_factor_train: float | int | None = None
     capacity_factor_eval: float | int | None = None
+    capacity_policy: str = "drop"
     capacity_in_generation: bool = False
     router_jitter_noise: float | int = 0.0
+    router_bias_update_rate: float | int = 0.0
     # Losses
     router_aux_loss_coef: float | int = 0.001
+    router_aux_loss_per_layer: bool = False
+    router_importance_loss_coef: float | int = 0.0
     router_z_loss_coef: float | int = 0.0
     output_router_logits: bool = False
 
@@ -140,6 +162,8 @@ class MoeConfig(PreTrainedConfig):
             self.num_key_value_heads = self.num_attention_heads
         if self.moe_intermediate_size is None:
             self.moe_intermediate_size = self.intermediate_size
+        if self.shared_expert_intermediate_size is None and isinstance(self.num_shared_experts, int):
+            self.shared_expert_intermediate_size = self.num_shared_experts * self.moe_intermediate_size
         if self.layer_types is None:
             attn = "sliding_attention" if self.sliding_window is not None else "full_attention"
             self.layer_types = [attn] * self.num_hidden_layers
@@ -166,6 +190,13 @@ class MoeConfig(PreTrainedConfig):
     def resolved_head_dim(self) -> int:
         """Per-head size: `head_dim` if set, else `hidden_size // num_attention_heads`."""
         return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_attention_heads
+
+    @property
+    def resolved_norm_topk_prob(self) -> bool:
+        """`norm_topk_prob`, or the router type's own convention when it is None."""
+        if self.norm_topk_prob is not None:
+            return self.norm_topk_prob
+        return DEFAULT_NORM_TOPK_PROB[self.router_type]
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         """True when decoder layer `layer_idx` (0-based) has a mixture-of-experts FFN."""
@@ -236,11 +267,19 @@ class MoeConfig(PreTrainedConfig):
                 f"router_type='switch' sends each token to one expert: num_experts_per_tok must be 1, "
                 f"got {self.num_experts_per_tok}"
             )
+        self._validate_routing()
         for name in ("capacity_factor_train", "capacity_factor_eval"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not _is_number(value) or not value > 0):
                 raise MoeConfigError(f"{name} must be None (dropless) or a number > 0, got {value!r}")
-        for name in ("router_aux_loss_coef", "router_z_loss_coef", "attention_dropout", "initializer_range"):
+        for name in (
+            "router_aux_loss_coef",
+            "router_z_loss_coef",
+            "router_importance_loss_coef",
+            "router_bias_update_rate",
+            "attention_dropout",
+            "initializer_range",
+        ):
             value = getattr(self, name)
             if not _is_number(value) or value < 0:
                 raise MoeConfigError(f"{name} must be a number >= 0, got {value!r}")
@@ -261,6 +300,47 @@ class MoeConfig(PreTrainedConfig):
                 f"rope_parameters must be a dict such as {{'rope_type': 'default', 'rope_theta': 10000.0}}, "
                 f"got {self.rope_parameters!r}"
             )
+
+    def _validate_routing(self) -> None:
+        E, k = self.num_local_experts, self.num_experts_per_tok
+        if self.capacity_policy not in CAPACITY_POLICIES:
+            raise MoeConfigError(f"capacity_policy must be one of {CAPACITY_POLICIES}, got {self.capacity_policy!r}")
+        if self.norm_topk_prob is not None and not isinstance(self.norm_topk_prob, bool):
+            raise MoeConfigError(
+                f"norm_topk_prob must be None (router default), True or False, got {self.norm_topk_prob!r}"
+            )
+        if not _is_number(self.routed_scaling_factor) or self.routed_scaling_factor <= 0:
+            raise MoeConfigError(f"routed_scaling_factor must be a number > 0, got {self.routed_scaling_factor!r}")
+        _check_positive_int("n_group", self.n_group)
+        _check_positive_int("topk_group", self.topk_group)
+        if self.n_group > 1 and self.router_type != "sigmoid_grouped":
+            raise MoeConfigError(
+                f"n_group > 1 needs router_type='sigmoid_grouped', got router_type={self.router_type!r}"
+            )
+        if E % self.n_group != 0:
+            raise MoeConfigError(f"n_group ({self.n_group}) must divide num_local_experts ({E})")
+        if self.topk_group > self.n_group:
+            raise MoeConfigError(f"topk_group ({self.topk_group}) must be <= n_group ({self.n_group})")
+        if k > self.topk_group * (E // self.n_group):
+            raise MoeConfigError(
+                f"num_experts_per_tok ({k}) must be <= topk_group * experts per group "
+                f"({self.topk_group} * {E // self.n_group}); the selected groups hold too few experts"
+            )
+        if self.router_bias_update_rate and self.router_type == "expert_choice":
+            raise MoeConfigError(
+                "router_bias_update_rate > 0 (aux-loss-free balancing) needs a token-choice router; "
+                "router_type='expert_choice' is balanced by construction"
+            )
+        if (
+            not isinstance(self.num_shared_experts, int)
+            or isinstance(self.num_shared_experts, bool)
+            or self.num_shared_experts < 0
+        ):
+            raise MoeConfigError(f"num_shared_experts must be an integer >= 0, got {self.num_shared_experts!r}")
+        if self.num_shared_experts > 0:
+            _check_positive_int("shared_expert_intermediate_size", self.shared_expert_intermediate_size)
+        elif self.shared_expert_gate:
+            raise MoeConfigError("shared_expert_gate=True needs num_shared_experts >= 1")
 
 
 def _is_number(value) -> bool:

@@ -64,6 +64,51 @@ def load_balancing_loss(
     return num_experts * torch.sum(f_E * P_E)  # Eq. 4
 
 
+def load_balancing_loss_per_layer(
+    router_logits: Sequence[torch.Tensor],
+    num_experts: int,
+    top_k: int,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The Switch / GShard loss computed for each MoE layer alone, then averaged over layers.
+
+    Pooling all layers (`load_balancing_loss`) lets one imbalanced layer hide behind balanced ones, because the
+    pooled counts average out; per-layer losses penalise each layer's own imbalance.
+
+    Returns:
+        A float32 scalar tensor (0 when there are no MoE layers).
+    """
+    if len(router_logits) == 0:
+        return torch.zeros(())
+    losses = [load_balancing_loss([logits_TE], num_experts, top_k, attention_mask) for logits_TE in router_logits]
+    return torch.stack(losses).mean()
+
+
+def importance_loss(router_logits: Sequence[torch.Tensor], attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Importance loss of Shazeer et al. 2017 (Eq. 6-7): CV(Importance)^2 per layer, averaged over layers.
+
+    Importance_i = sum over tokens of the router probability of expert i (softmax of the logits, for every
+    router type). CV = std / mean over experts, with the population standard deviation (divide by E, not E-1).
+    The coefficient w_importance is applied by the caller.
+
+    Returns:
+        A float32 scalar tensor (0 when there are no MoE layers).
+    """
+    if len(router_logits) == 0:
+        return torch.zeros(())
+    device = router_logits[0].device
+    mask_T = _token_weights(attention_mask, router_logits[0].shape[0], device)
+    per_layer = []
+    for logits_TE in router_logits:
+        probs_TE = F.softmax(logits_TE.to(device), dim=-1, dtype=torch.float32)
+        if mask_T is not None:
+            probs_TE = probs_TE * mask_T[:, None]
+        importance_E = probs_TE.sum(dim=0)  # Eq. 6
+        cv = importance_E.std(correction=0) / importance_E.mean().clamp_min(1e-20)  # population std
+        per_layer.append(cv**2)  # Eq. 7 without w_importance
+    return torch.stack(per_layer).mean()
+
+
 def router_z_loss(router_logits: Sequence[torch.Tensor], attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """ST-MoE router z-loss: mean over tokens of logsumexp(logits)^2 (Zoph et al. 2022, Eq. 5), mean over layers.
 
@@ -87,4 +132,4 @@ def router_z_loss(router_logits: Sequence[torch.Tensor], attention_mask: torch.T
     return torch.stack(per_layer).mean()
 
 
-__all__ = ["load_balancing_loss", "router_z_loss"]
+__all__ = ["importance_loss", "load_balancing_loss", "load_balancing_loss_per_layer", "router_z_loss"]

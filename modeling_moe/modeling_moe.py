@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import initialization as init
+from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
@@ -25,7 +27,6 @@ from transformers.modeling_layers import GenericForSequenceClassification, Gradi
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.models.llama.modeling_llama import (
-    LlamaMLP,
     LlamaRMSNorm,
     LlamaRotaryEmbedding,
     apply_rotary_pos_emb,
@@ -38,8 +39,8 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_moe import MoeConfig
 from .experts import MoeExperts
-from .losses import load_balancing_loss, router_z_loss
-from .routing import MoeRouter, capacity_keep_mask, expert_capacity
+from .losses import importance_loss, load_balancing_loss, load_balancing_loss_per_layer, router_z_loss
+from .routing import MoeDispatcher, MoeRouter, expert_capacity
 
 # The Auto classes a saved folder declares for trust_remote_code loading (file stem . class name).
 HUB_AUTO_MAP = {
@@ -48,6 +49,46 @@ HUB_AUTO_MAP = {
     "AutoModelForCausalLM": "modeling_moe.MoeForCausalLM",
     "AutoModelForSequenceClassification": "modeling_moe.MoeForSequenceClassification",
 }
+
+
+@dataclass
+class MoeModelOutput(MoeModelOutputWithPast):
+    """`MoeModelOutputWithPast` plus the final routing of each MoE layer.
+
+    router_indices: one (T, K) int64 tensor per MoE layer ((T, E) for expert choice): the expert each
+        assignment ran on, after the capacity policy; the value E marks a dropped (or unchosen) assignment.
+    dropped_tokens: one 0-d int64 tensor per MoE layer: assignments the router chose that did not run.
+    """
+
+    router_indices: tuple[torch.Tensor, ...] | None = None
+    dropped_tokens: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
+class MoeCausalLMOutput(MoeCausalLMOutputWithPast):
+    """`MoeCausalLMOutputWithPast` plus, when router outputs are requested, the final routing per MoE layer.
+
+    router_indices: as in `MoeModelOutput`. dropped_tokens: (num_moe_layers,) int64 counts of dropped
+        assignments (real tokens only).
+    """
+
+    router_indices: tuple[torch.Tensor, ...] | None = None
+    dropped_tokens: torch.Tensor | None = None
+
+
+class MoeMLP(nn.Module):
+    """SwiGLU FFN down(act(gate(x)) * up(x)): the dense layers and the shared experts."""
+
+    def __init__(self, config: MoeConfig, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, intermediate_size, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(config.hidden_size, intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., D) -> (..., D)."""
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
 class MoeAttention(nn.Module):
@@ -110,48 +151,69 @@ class MoeAttention(nn.Module):
 
 
 class MoeSparseBlock(nn.Module):
-    """Mixture-of-experts FFN: route -> capacity -> experts -> combine.
+    """Mixture-of-experts FFN: route -> dispatch (capacity) -> experts -> combine, plus optional shared experts.
 
     Capacity: `capacity_factor_train` applies in training mode and `capacity_factor_eval` in eval mode (None =
-    dropless). Inside `generate()` routing is dropless unless `config.capacity_in_generation` is set, because
-    capacity counts the tokens of one forward pass and a cached decode step sees one token per sequence.
-    Dropped assignments contribute nothing: a token whose every assignment is dropped gets a zero FFN output and
-    leaves the layer through the residual connection unchanged.
+    dropless; expert choice then takes k/E of the tokens per expert, i.e. factor 1). Inside `generate()` routing
+    is dropless token choice unless `config.capacity_in_generation` is set, because capacity counts the tokens of
+    one forward pass and a cached decode step sees one token per sequence; expert choice falls back to its
+    token-choice rule there (see `routing.py`). Dropped assignments contribute nothing: a token whose every
+    assignment is dropped gets only the shared-expert output (zero without shared experts) and otherwise leaves
+    the layer through the residual connection unchanged.
     """
 
     def __init__(self, config: MoeConfig) -> None:
         super().__init__()
         self.num_experts = config.num_local_experts
         self.top_k = config.num_experts_per_tok
+        self.expert_choice = config.router_type == "expert_choice"
         self.capacity_factor_train = config.capacity_factor_train
         self.capacity_factor_eval = config.capacity_factor_eval
         self.capacity_in_generation = config.capacity_in_generation
         self.in_generation = False  # set by MoeForCausalLM.generate
         self.router = MoeRouter(config)
+        self.dispatcher = MoeDispatcher(config)
         self.experts = MoeExperts(config)
+        self.shared_expert = None
+        self.shared_expert_gate = None
+        if config.num_shared_experts > 0:
+            self.shared_expert = MoeMLP(config, config.shared_expert_intermediate_size)
+            if config.shared_expert_gate:
+                self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
 
     def capacity_factor(self) -> float | None:
         """The capacity factor in force for the current mode, or None for dropless routing."""
-        if self.training:
-            return self.capacity_factor_train
         if self.in_generation and not self.capacity_in_generation:
             return None
-        return self.capacity_factor_eval
+        return self.capacity_factor_train if self.training else self.capacity_factor_eval
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """(B, S, D) normalised hidden states -> (B, S, D) FFN output (the residual is added by the layer)."""
+    def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, S, D) normalised hidden states, optional (B, S) bool mask of real tokens -> (B, S, D) FFN output
+        (the residual is added by the layer)."""
         B, S, D = hidden_states.shape
         x_TD = hidden_states.reshape(-1, D)
-        # 1. route
-        _, weights_TK, indices_TK = self.router(x_TD)
-        # 2. capacity: overflowing assignments get the sentinel index E and are skipped by the experts
+        token_mask_T = token_mask.reshape(-1) if token_mask is not None else None
         capacity_factor = self.capacity_factor()
-        if capacity_factor is not None:
-            capacity = expert_capacity(x_TD.shape[0], self.top_k, capacity_factor, self.num_experts)
-            keep_TK = capacity_keep_mask(indices_TK, capacity, self.num_experts)
-            indices_TK = indices_TK.masked_fill(~keep_TK, self.num_experts)
+        expert_choice = self.expert_choice and not self.in_generation
+        capacity = None
+        if capacity_factor is not None or expert_choice:
+            real_tokens = x_TD.shape[0] if token_mask_T is None else int(token_mask_T.sum())
+            capacity = expert_capacity(real_tokens, self.top_k, capacity_factor or 1.0, self.num_experts)
+        # 1. route
+        _, weights_TK, indices_TK, choice_TE, scores_TE = self.router(
+            x_TD, capacity=capacity, token_mask_T=token_mask_T, token_choice_only=not expert_choice
+        )
+        # 2. dispatch: the capacity policy; overflow gets the sentinel index E and weight 0
+        indices_TK, weights_TK, _ = self.dispatcher(
+            indices_TK, weights_TK, choice_TE, scores_TE, capacity, token_mask_T, already_dispatched=expert_choice
+        )
         # 3 + 4. experts on sorted groups, weighted and summed back per token
         y_TD = self.experts(x_TD, indices_TK, weights_TK)
+        if self.shared_expert is not None:
+            shared_TD = self.shared_expert(x_TD)
+            if self.shared_expert_gate is not None:
+                shared_TD = torch.sigmoid(self.shared_expert_gate(x_TD)) * shared_TD  # Qwen2-MoE shared gate
+            y_TD = y_TD + shared_TD
         return y_TD.view(B, S, D)
 
 
@@ -161,7 +223,8 @@ class MoeDecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: MoeConfig, layer_idx: int) -> None:
         super().__init__()
         self.self_attn = MoeAttention(config, layer_idx)
-        self.mlp = MoeSparseBlock(config) if config.is_moe_layer(layer_idx) else LlamaMLP(config)
+        self.is_moe = config.is_moe_layer(layer_idx)
+        self.mlp = MoeSparseBlock(config) if self.is_moe else MoeMLP(config, config.intermediate_size)
         self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
@@ -172,9 +235,10 @@ class MoeDecoderLayer(GradientCheckpointingLayer):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         past_key_values: Cache | None = None,
+        moe_token_mask: torch.Tensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
-        """(B, S, D) -> (B, S, D)."""
+        """(B, S, D) -> (B, S, D). `moe_token_mask` (B, S) bool marks real tokens for the MoE capacity."""
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
         hidden_states, _ = self.self_attn(
@@ -187,7 +251,8 @@ class MoeDecoderLayer(GradientCheckpointingLayer):
         )
         hidden_states = residual + hidden_states
         residual = hidden_states
-        hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
+        hidden_states = self.post_attention_layernorm(hidden_states)
+        hidden_states = self.mlp(hidden_states, moe_token_mask) if self.is_moe else self.mlp(hidden_states)
         return residual + hidden_states
 
 
@@ -206,6 +271,8 @@ class MoePreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _can_record_outputs = {
         "router_logits": OutputRecorder(MoeRouter, index=0),
+        "router_indices": OutputRecorder(MoeDispatcher, index=0),
+        "dropped_tokens": OutputRecorder(MoeDispatcher, index=2),
         "hidden_states": MoeDecoderLayer,
         "attentions": MoeAttention,
     }
@@ -225,10 +292,41 @@ class MoePreTrainedModel(PreTrainedModel):
             init.normal_(module.down_proj, mean=0.0, std=std)
         elif isinstance(module, MoeRouter):
             init.normal_(module.weight, mean=0.0, std=std)
+            if getattr(module, "noise_weight", None) is not None:
+                init.zeros_(module.noise_weight)  # Shazeer et al. 2017 start with no noise
+            if module.e_score_correction_bias is not None:
+                init.zeros_(module.e_score_correction_bias)
+                init.zeros_(module.load_counts)
+
+    def update_router_biases(self) -> None:
+        """One aux-loss-free balancing step for every router that has it (`router_bias_update_rate > 0`).
+
+        Call once per optimizer step, after `optimizer.step()` (plain loops: `model.update_router_biases()`;
+        Trainer: `modeling_moe.balancing.RouterBiasUpdateCallback`). The load is the one counted over the
+        training forwards since the previous call, so gradient accumulation and checkpointing count each token
+        once. Does nothing for routers without the bias.
+        """
+        for module in self.modules():
+            if isinstance(module, MoeRouter):
+                module.update_bias()
+
+    def _count_router_load(self, router_indices, token_mask) -> None:
+        """Add this forward's routed tokens per expert to each aux-loss-free router's `load_counts`."""
+        routers = [m for m in self.modules() if isinstance(m, MoeRouter)]
+        if not router_indices or all(r.load_counts is None for r in routers):
+            return
+        with torch.no_grad():
+            mask_T = token_mask.reshape(-1) if token_mask is not None else None
+            for router, indices_TK in zip(routers, router_indices):
+                if router.load_counts is None:
+                    continue
+                E = router.num_experts
+                kept = indices_TK if mask_T is None else indices_TK[mask_T.to(indices_TK.device)]
+                router.load_counts += torch.bincount(kept.reshape(-1), minlength=E + 1)[:E].to(router.load_counts)
 
 
 class MoeModel(MoePreTrainedModel):
-    """Embeddings, decoder layers and final norm; returns `MoeModelOutputWithPast`."""
+    """Embeddings, decoder layers and final norm; returns `MoeModelOutput`."""
 
     def __init__(self, config: MoeConfig) -> None:
         super().__init__(config)
@@ -253,7 +351,7 @@ class MoeModel(MoePreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
-    ) -> MoeModelOutputWithPast:
+    ) -> MoeModelOutput:
         """(B, S) token ids or (B, S, D) embeddings -> (B, S, D) final hidden states, plus the cache and,
         when requested, hidden states, attentions and raw router logits (one (T, E) tensor per MoE layer)."""
         if (input_ids is None) ^ (inputs_embeds is not None):
@@ -281,6 +379,9 @@ class MoeModel(MoePreTrainedModel):
 
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        moe_token_mask = _token_mask_for_losses(attention_mask, inputs_embeds.shape[1])
+        if moe_token_mask is not None:
+            moe_token_mask = moe_token_mask.bool()
         for i, decoder_layer in enumerate(self.layers):
             hidden_states = decoder_layer(
                 hidden_states,
@@ -289,10 +390,11 @@ class MoeModel(MoePreTrainedModel):
                 position_ids=position_ids,
                 past_key_values=past_key_values,
                 use_cache=use_cache,
+                moe_token_mask=moe_token_mask,
                 **kwargs,
             )
         hidden_states = self.norm(hidden_states)
-        return MoeModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+        return MoeModelOutput(last_hidden_state=hidden_states, past_key_values=past_key_values)
 
 
 def _token_mask_for_losses(attention_mask, seq_len: int) -> torch.Tensor | None:
@@ -354,13 +456,17 @@ class MoeForCausalLM(MoePreTrainedModel, GenerationMixin):
         output_router_logits: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs: Unpack[TransformersKwargs],
-    ) -> MoeCausalLMOutputWithPast:
+    ) -> MoeCausalLMOutput:
         """Args: input_ids (B, S); attention_mask (B, S) or (B, S_past + S); labels (B, S), -100 = ignored.
-        Returns `MoeCausalLMOutputWithPast` with logits (B, S or logits_to_keep, vocab), loss, aux_loss, cache."""
+
+        Returns `MoeCausalLMOutput` (a `MoeCausalLMOutputWithPast`): logits (B, S or logits_to_keep, vocab),
+        loss, aux_loss (always), cache; with `output_router_logits`, also router_logits, router_indices and
+        dropped_tokens per MoE layer.
+        """
         output_router_logits = (
             output_router_logits if output_router_logits is not None else self.config.output_router_logits
         )
-        outputs: MoeModelOutputWithPast = self.model(
+        outputs: MoeModelOutput = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -368,6 +474,8 @@ class MoeForCausalLM(MoePreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_router_logits=True,  # the router losses need them; returned only when asked
+            output_router_indices=True,  # the aux-loss-free load counts need them
+            output_dropped_tokens=output_router_logits,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -376,17 +484,20 @@ class MoeForCausalLM(MoePreTrainedModel, GenerationMixin):
 
         router_logits = outputs.router_logits or ()
         token_mask = _token_mask_for_losses(attention_mask, hidden_states.shape[1])
-        aux_loss = load_balancing_loss(
-            router_logits, self.config.num_local_experts, self.config.num_experts_per_tok, token_mask
-        ).to(logits.device)
+        if self.training:
+            self._count_router_load(outputs.router_indices, token_mask)
+        router_losses = self.router_losses(router_logits, token_mask)
+        aux_loss = router_losses["aux"].to(logits.device)
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
-            loss = loss + self.config.router_aux_loss_coef * aux_loss
-            if self.config.router_z_loss_coef > 0:
-                loss = loss + self.config.router_z_loss_coef * router_z_loss(router_logits, token_mask).to(loss.device)
+            loss = self.loss_function(logits, labels, self.vocab_size, **kwargs) + router_losses["total"].to(
+                logits.device
+            )
 
-        return MoeCausalLMOutputWithPast(
+        dropped = None
+        if output_router_logits and outputs.dropped_tokens:
+            dropped = torch.stack([d.to(logits.device) for d in outputs.dropped_tokens])
+        return MoeCausalLMOutput(
             loss=loss,
             aux_loss=aux_loss,
             logits=logits,
@@ -394,7 +505,35 @@ class MoeForCausalLM(MoePreTrainedModel, GenerationMixin):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             router_logits=router_logits if output_router_logits else None,
+            router_indices=outputs.router_indices if output_router_logits else None,
+            dropped_tokens=dropped,
         )
+
+    def router_losses(self, router_logits, token_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The router losses the config turns on, unweighted, and their weighted sum (what `forward` adds):
+
+            total = router_aux_loss_coef * aux (pooled, or per layer with `router_aux_loss_per_layer`)
+                    + router_importance_loss_coef * importance (CV^2) + router_z_loss_coef * z.
+
+        Args:
+            router_logits: one (T, E) tensor per MoE layer. token_mask: optional (B, S) mask, 0 = padding.
+        Returns:
+            {"aux", "importance", "z", "total"}: float32 scalar tensors (a loss whose weight is 0 is reported 0).
+        """
+        config = self.config
+        E, k = config.num_local_experts, config.num_experts_per_tok
+        balance = load_balancing_loss_per_layer if config.router_aux_loss_per_layer else load_balancing_loss
+        losses = {"aux": balance(router_logits, E, k, token_mask)}
+        zero = torch.zeros((), device=losses["aux"].device)
+        use_importance = config.router_importance_loss_coef > 0
+        losses["importance"] = importance_loss(router_logits, token_mask) if use_importance else zero
+        losses["z"] = router_z_loss(router_logits, token_mask) if config.router_z_loss_coef > 0 else zero
+        losses["total"] = (
+            config.router_aux_loss_coef * losses["aux"]
+            + config.router_importance_loss_coef * losses["importance"]
+            + config.router_z_loss_coef * losses["z"]
+        )
+        return losses
 
 
 class MoeForSequenceClassification(GenericForSequenceClassification, MoePreTrainedModel):

@@ -151,7 +151,7 @@ def test_biases_follow_the_config():
 def test_dense_and_moe_layers_alternate():
     model = MoeForCausalLM(tiny_config(num_hidden_layers=4, moe_layer_frequency=2))
     kinds = [type(layer.mlp).__name__ for layer in model.model.layers]
-    assert kinds == ["LlamaMLP", "MoeSparseBlock", "LlamaMLP", "MoeSparseBlock"]
+    assert kinds == ["MoeMLP", "MoeSparseBlock", "MoeMLP", "MoeSparseBlock"]
     assert model.model.layers[0].mlp.gate_proj.out_features == 64  # intermediate_size
     assert model.model.layers[1].mlp.experts.down_proj.shape == (4, 32, 48)  # moe_intermediate_size
 

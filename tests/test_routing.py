@@ -62,10 +62,11 @@ class FixedRouter(torch.nn.Module):
         super().__init__()
         self.logits_TE, self.router_type, self.k = logits_TE, router_type, k
 
-    def forward(self, x_TD):
+    def forward(self, x_TD, capacity=None, token_mask_T=None, token_choice_only=True):
+        probs = torch.softmax(self.logits_TE, -1)
         if self.router_type == "switch":
-            return (self.logits_TE, *switch_routing(self.logits_TE))
-        return (self.logits_TE, *topk_softmax_routing(self.logits_TE, self.k))
+            return (self.logits_TE, *switch_routing(self.logits_TE), probs, probs)
+        return (self.logits_TE, *topk_softmax_routing(self.logits_TE, self.k), probs, probs)
 
 
 def _fixed_block(router_type: str, capacity_factor: float | None, logits: torch.Tensor) -> MoeSparseBlock:
