@@ -1,0 +1,1 @@
+"""Evaluation harness for MoE models: quality, routing behaviour and cost (`python -m eval`)."""
