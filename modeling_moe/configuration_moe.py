@@ -74,21 +74,42 @@ class MoeConfig(PreTrainedConfig):
             always holds the resolved list, and `mlp_layer_types` (transformers' standard per-layer field) holds
             "sparse" / "dense" per layer. Passing only `mlp_layer_types` works too.
 
-    Routing:
-        router_type: "topk_softmax" (Mixtral: softmax over all experts, keep the top k, renormalise) or
-            "switch" (Switch Transformer: top-1, output scaled by the router probability; needs k = 1).
+    Shared experts (DeepSeek-MoE, Qwen2-MoE):
+        num_shared_experts: always-on experts next to the routed ones (0 = none), fused into one SwiGLU FFN.
+        shared_expert_intermediate_size: its width; defaults to num_shared_experts * moe_intermediate_size.
+        shared_expert_gate: scale the shared output by sigmoid(w . x), as Qwen2-MoE.
+
+    Routing (see `routing.py` for the equations of each router):
+        router_type: "topk_softmax" (Mixtral), "switch" (top-1, output scaled by the router probability; needs
+            k = 1), "noisy_topk" (Shazeer et al. 2017), "sigmoid_grouped" (DeepSeek-V3) or "expert_choice"
+            (Zhou et al. 2022; not causal, see routing.py; generation falls back to token choice).
+        norm_topk_prob: renormalise the k kept weights to sum to 1; None = the router's convention (True for
+            topk_softmax, noisy_topk and sigmoid_grouped; False for switch and expert_choice).
+        routed_scaling_factor: multiplies the routed weights (DeepSeek-V3).
+        n_group, topk_group: group-limited routing for sigmoid_grouped: experts form n_group groups, only the
+            topk_group best groups are eligible.
         capacity_factor_train / capacity_factor_eval: capacity factor in training / eval mode, or None for
             dropless routing. An expert takes at most ceil(tokens * k * capacity_factor / E) assignments per
-            forward pass; assignments over capacity are dropped and the token passes through the residual.
+            forward pass, where tokens are the real (non-padding) tokens of the batch when an attention mask is
+            given: padding is not routed under a capacity limit and never takes a slot. Expert choice uses the
+            same formula (factor 1 when None).
+        capacity_policy: what happens to an assignment over capacity: "drop" (GShard arrival order, first
+            choices before second choices), "priority" (V-MoE batch priority routing: highest router weight
+            first) or "next_choice" (try the token's next-best expert with room, drop only if none has room).
         capacity_in_generation: apply `capacity_factor_eval` inside `generate()` too. Off by default:
             capacity depends on how many tokens share a forward pass, so a cached decode step (one token)
             cannot reproduce the drops of a full forward pass, and generation would depend on the cache.
         router_jitter_noise: multiplicative uniform noise on the router input in training (Switch, Sec. 2.4).
+        router_bias_update_rate: aux-loss-free balancing (DeepSeek-V3): a per-expert selection bias moved by
+            this rate toward equal load once per optimizer step (`modeling_moe.balancing`); 0 = off.
 
     Losses (added to the LM loss whenever `labels` are given, padding masked by `attention_mask`):
         router_aux_loss_coef: Switch/GShard load-balancing loss weight.
+        router_aux_loss_per_layer: compute that loss per MoE layer and average, instead of pooling all layers
+            (pooling lets one imbalanced layer hide behind balanced ones).
+        router_importance_loss_coef: Shazeer et al. 2017 importance loss, w * CV(importance)^2.
         router_z_loss_coef: ST-MoE router z-loss weight.
-        output_router_logits: return the raw router logits (one tensor per MoE layer) by default.
+        output_router_logits: return router logits, final routing and drop counts by default.
 
     Raises:
         MoeConfigError (a ValueError): a field holds an impossible value; the message names it.

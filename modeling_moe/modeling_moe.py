@@ -316,7 +316,7 @@ class MoePreTrainedModel(PreTrainedModel):
         if not router_indices or all(r.load_counts is None for r in routers):
             return
         with torch.no_grad():
-            mask_T = token_mask.reshape(-1) if token_mask is not None else None
+            mask_T = token_mask.reshape(-1).bool() if token_mask is not None else None
             for router, indices_TK in zip(routers, router_indices):
                 if router.load_counts is None:
                     continue
