@@ -183,8 +183,6 @@ def test_dropped_tokens_are_reported_in_the_output():
     out = model(ids, output_router_logits=True)
     # capacity ceil(16 * 0.25 / 4) = 1 per expert: at most 4 of 16 tokens run, so at least 12 drop per layer
     assert out.dropped_tokens.shape == (2,) and (out.dropped_tokens >= 12).all()
-    for indices in out.router_indices:
-        assert int((indices == 4).sum()) == int(out.dropped_tokens[0]) or True
     assert [int((ix == 4).sum()) for ix in out.router_indices] == out.dropped_tokens.tolist()
     assert model(ids).dropped_tokens is None
 
