@@ -87,6 +87,14 @@ def moe_config_to_mixtral(config: MoeConfig) -> MixtralConfig:
         problems.append(f"moe_layers={config.moe_layers}: Mixtral has an MoE FFN on every layer")
     if config.router_type != "topk_softmax":
         problems.append(f"router_type={config.router_type!r}: Mixtral routes with 'topk_softmax'")
+    if not config.resolved_norm_topk_prob:
+        problems.append("norm_topk_prob=False: Mixtral always renormalises the top-k weights")
+    if config.routed_scaling_factor != 1.0:
+        problems.append(f"routed_scaling_factor={config.routed_scaling_factor}: Mixtral does not scale routed weights")
+    if config.num_shared_experts:
+        problems.append(f"num_shared_experts={config.num_shared_experts}: Mixtral has no shared experts")
+    if config.router_bias_update_rate:
+        problems.append(f"router_bias_update_rate={config.router_bias_update_rate}: Mixtral has no selection bias")
     for name in ("capacity_factor_train", "capacity_factor_eval"):
         if getattr(config, name) is not None:
             problems.append(f"{name}={getattr(config, name)}: Mixtral routing is dropless (None)")

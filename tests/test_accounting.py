@@ -42,3 +42,23 @@ def test_counts_match_real_parameters(overrides):
 def test_rejects_other_objects():
     with pytest.raises(TypeError, match="MoeConfig"):
         count_parameters("mixtral")
+
+
+@pytest.mark.parametrize(
+    ("preset", "total_b", "active_b"),
+    [("olmoe-1b-7b", 6.9, 1.3), ("qwen2-moe-a2.7b", 14.3, 2.7)],  # the published figures
+)
+def test_published_shapes(preset, total_b, active_b):
+    counts = count_parameters(load_preset(preset))
+    assert round(counts.total_params / 1e9, 1) == total_b
+    assert round(counts.active_params / 1e9, 1) == active_b
+
+
+@pytest.mark.parametrize("preset", ["tiny-mixtral", "tiny-switch", "tiny-deepseek-v3-style"])
+def test_tiny_presets_train_a_step(preset):
+    import torch
+
+    model = MoeForCausalLM(load_preset(preset)).train()
+    ids = torch.randint(3, 512, (2, 16))
+    model(ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "router" in n and "noise" not in n)

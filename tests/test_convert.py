@@ -96,6 +96,10 @@ def test_round_trip_is_exact():
         (dict(router_type="switch", num_experts_per_tok=1), "router_type"),
         (dict(capacity_factor_eval=2.0), "capacity_factor_eval"),
         (dict(qkv_bias=True), "qkv_bias"),
+        (dict(norm_topk_prob=False), "norm_topk_prob"),
+        (dict(routed_scaling_factor=2.0), "routed_scaling_factor"),
+        (dict(num_shared_experts=1), "num_shared_experts"),
+        (dict(router_bias_update_rate=0.01), "router_bias_update_rate"),
         (dict(sliding_window=4, layer_types=["full_attention", "sliding_attention"]), "layer_types"),
     ],
 )
