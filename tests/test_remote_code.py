@@ -9,6 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 
 from modeling_moe import MoeForCausalLM
@@ -38,9 +39,32 @@ LOADER = textwrap.dedent(
 )
 
 
-def test_trust_remote_code_round_trip_in_a_fresh_process(tmp_path):
-    config = tiny_config(num_hidden_layers=2, moe_layers=[1], qkv_bias=True, capacity_factor_eval=1.5)
+CASES = {
+    "switch_capacity_qkv_bias": dict(
+        router_type="switch", num_experts_per_tok=1, moe_layers=[1], qkv_bias=True, capacity_factor_eval=1.5
+    ),
+    "deepseek_style": dict(
+        router_type="sigmoid_grouped",
+        num_local_experts=8,
+        n_group=4,
+        topk_group=2,
+        routed_scaling_factor=2.5,
+        num_shared_experts=1,
+        shared_expert_gate=True,
+        router_bias_update_rate=0.01,
+        moe_layers=[1],
+        capacity_factor_eval=2.0,
+        capacity_policy="next_choice",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_trust_remote_code_round_trip_in_a_fresh_process(tmp_path, case):
+    config = tiny_config(**CASES[case])
     model = MoeForCausalLM(config).eval()
+    for router in (m for m in model.modules() if getattr(m, "e_score_correction_bias", None) is not None):
+        router.e_score_correction_bias.copy_(torch.linspace(-0.05, 0.05, router.num_experts))  # a trained bias
     checkpoint = tmp_path / "ckpt"
     model.save_pretrained(checkpoint)
     saved = json.loads((checkpoint / "config.json").read_text())
