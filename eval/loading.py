@@ -1,0 +1,144 @@
+"""Load what the harness evaluates: a model folder of this repository (with or without remote code), a Hub-style
+folder or id, or a transformers Mixtral (converted with `modeling_moe.convert.from_mixtral`, same logits, so that
+its routing is recorded like ours), plus its tokenizer. Weights are read with safetensors only.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+import modeling_moe  # noqa: F401  (registers model_type "moe_lm" with the Auto classes)
+from modeling_moe import MoeForCausalLM
+from modeling_moe.convert import from_mixtral
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+
+
+class EvalInputError(ValueError):
+    """A harness input is unusable; the message names the argument (or path) and what is allowed."""
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for evaluation.
+
+    model: in eval mode on the requested device. source: the path or id it came from. kind: "moe" (routing is
+    recorded), "mixtral" (converted to ours, routing recorded) or "dense" (any other causal LM: quality only).
+    converted_from: "mixtral" when the weights were converted, else None.
+    """
+
+    model: PreTrainedModel
+    source: str
+    kind: str
+    converted_from: str | None = None
+
+    @property
+    def has_routing(self) -> bool:
+        """True when forward passes return router logits and indices (this repository's `MoeForCausalLM`)."""
+        return self.kind in ("moe", "mixtral")
+
+
+def resolve_dtype(name: str, field: str = "dtype") -> torch.dtype:
+    """`"float32"` / `"bfloat16"` (or fp32 / bf16) -> torch dtype; raises `EvalInputError` naming `field`."""
+    if name not in DTYPES:
+        raise EvalInputError(f"{field} must be one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def check_model_source(source: str, field: str = "model") -> Path | None:
+    """Check a model argument before loading anything.
+
+    Args:
+        source: a local folder, or a Hub id "owner/name" (only usable when that id is in the local cache).
+        field: the argument name used in error messages.
+    Returns:
+        The folder as a `Path`, or None for a Hub id.
+    Raises:
+        EvalInputError: the folder does not exist, has no config.json, or has no safetensors weights (a folder
+            with only pickle weights, `pytorch_model.bin`, is refused: this project never unpickles weights).
+    """
+    path = Path(source).expanduser()
+    looks_local = path.exists() or source.startswith((".", "/", "~")) or source.count("/") != 1
+    if not looks_local:
+        return None
+    if not path.is_dir():
+        raise EvalInputError(f"{field}: {source!r} is not a folder (expected a model folder or a Hub id owner/name)")
+    if not (path / "config.json").is_file():
+        raise EvalInputError(f"{field}: folder {path} has no config.json, so it is not a transformers model folder")
+    if not any((path / name).is_file() for name in WEIGHT_FILES) and not list(path.glob("*.safetensors")):
+        pickled = sorted(p.name for p in path.glob("*.bin"))
+        extra = f" (found {pickled}; pickle weights are not loaded, convert them to safetensors)" if pickled else ""
+        raise EvalInputError(f"{field}: folder {path} has no safetensors weights (model.safetensors){extra}")
+    return path
+
+
+def load_model(source: str, dtype: str = "float32", device: str = "cpu", field: str = "model") -> LoadedModel:
+    """Load a causal LM for evaluation.
+
+    Args:
+        source: model folder or Hub id. Folders of this repository load with or without remote code; a folder
+            with `auto_map` loads its own shipped code (`trust_remote_code=True`); Mixtral is converted to ours.
+        dtype: "float32" or "bfloat16". device: a torch device string.
+        field: argument name for error messages.
+    Returns:
+        A `LoadedModel` in eval mode.
+    Raises:
+        EvalInputError: see `check_model_source`.
+    """
+    check_model_source(source, field)
+    torch_dtype = resolve_dtype(dtype)
+    config = AutoConfig.from_pretrained(source, trust_remote_code=True)
+    if config.model_type == "mixtral":
+        model = from_mixtral(source).to(device=device, dtype=torch_dtype)
+        return LoadedModel(model.eval(), str(source), "mixtral", converted_from="mixtral")
+    model = AutoModelForCausalLM.from_pretrained(
+        source, trust_remote_code=True, use_safetensors=True, dtype=torch_dtype
+    )
+    model = model.to(device).eval()
+    kind = "moe" if isinstance(model, MoeForCausalLM) or _is_remote_moe(model) else "dense"
+    return LoadedModel(model, str(source), kind)
+
+
+def _is_remote_moe(model: PreTrainedModel) -> bool:
+    """A `MoeForCausalLM` loaded from a folder's own code is another class object with the same name."""
+    return type(model).__name__ == "MoeForCausalLM" and getattr(model.config, "model_type", None) == "moe_lm"
+
+
+def load_tokenizer(source: str | None, model_source: str, field: str = "tokenizer") -> PreTrainedTokenizerBase:
+    """The tokenizer from `source`, else from the model folder.
+
+    Raises:
+        EvalInputError: neither holds a tokenizer; the message says to pass `--tokenizer`.
+    """
+    where = source or model_source
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=True)
+    except (OSError, ValueError, TypeError) as err:
+        hint = "" if source else f" (the model folder has none; pass --{field} PATH)"
+        raise EvalInputError(f"{field}: no tokenizer could be loaded from {where!r}{hint}: {err}") from err
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def is_local_folder(source: str) -> bool:
+    """True when `source` names an existing local folder."""
+    return os.path.isdir(os.path.expanduser(source))
+
+
+__all__ = [
+    "DTYPES",
+    "EvalInputError",
+    "LoadedModel",
+    "check_model_source",
+    "is_local_folder",
+    "load_model",
+    "load_tokenizer",
+    "resolve_dtype",
+]
