@@ -14,7 +14,90 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.activations import ACT2FN
+from transformers.activations import ACT2FN, SiLUActivation
+
+
+def _swiglu_group_forward(x_nD, w1_HD, w2_DI, gu_out_nH, y_out_nD) -> None:
+    """One expert on its n tokens, written into preallocated slices: gu = x W1^T (n, 2I), y = SwiGLU(gu) W2^T."""
+    I = w2_DI.shape[-1]
+    torch.mm(x_nD, w1_HD.t(), out=gu_out_nH)
+    h_nI = F.silu(gu_out_nH[:, :I]) * gu_out_nH[:, I:]  # SwiGLU (Shazeer 2020, Eq. 6)
+    torch.mm(h_nI, w2_DI.t(), out=y_out_nD)
+
+
+class GroupedSwiGLU(torch.autograd.Function):
+    """SwiGLU experts on expert-sorted tokens, with a hand-written backward.
+
+    Autograd through per-expert slices `W[e]` would allocate a full (E, 2I, D) zero gradient for every expert
+    it touches (E times the weight size in memory traffic); this backward writes each expert's gradient slice
+    once. Forward saves the (N, 2I) gate/up activations, as autograd would; SiLU and the product are recomputed.
+
+    Inputs: x_ND (N, D) sorted by expert; gate_up_EHD (E, 2I, D); down_EDI (E, D, I); counts: tokens per expert
+    (python ints, sum N). Output: y_ND (N, D), the unweighted expert outputs in the same order.
+    """
+
+    @staticmethod
+    def forward(ctx, x_ND, gate_up_EHD, down_EDI, counts):
+        N, D = x_ND.shape
+        two_I = gate_up_EHD.shape[1]
+        gu_NH = x_ND.new_empty(N, two_I)
+        y_ND = x_ND.new_empty(N, D)
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                end = start + n
+                _swiglu_group_forward(x_ND[start:end], gate_up_EHD[e], down_EDI[e], gu_NH[start:end], y_ND[start:end])
+                start = end
+        ctx.save_for_backward(x_ND, gu_NH, gate_up_EHD, down_EDI)
+        ctx.counts = counts
+        return y_ND
+
+    @staticmethod
+    def backward(ctx, dy_ND):
+        x_ND, gu_NH, gate_up_EHD, down_EDI = ctx.saved_tensors
+        I = down_EDI.shape[-1]
+        need_x, need_w1, need_w2 = ctx.needs_input_grad[:3]
+        dx_ND = torch.empty_like(x_ND) if need_x else None
+        dw1 = torch.empty_like(gate_up_EHD) if need_w1 else None
+        dw2 = torch.empty_like(down_EDI) if need_w2 else None
+        dy_ND = dy_ND.contiguous()
+        start = 0
+        for e, n in enumerate(ctx.counts):
+            if n == 0:
+                if need_w1:
+                    dw1[e].zero_()
+                if need_w2:
+                    dw2[e].zero_()
+                continue
+            end = start + n
+            gate, up = gu_NH[start:end, :I], gu_NH[start:end, I:]
+            sig = torch.sigmoid(gate)
+            act = gate * sig  # silu(gate)
+            dy = dy_ND[start:end]
+            if need_w2:
+                torch.mm(dy.t(), act * up, out=dw2[e])  # dL/dW2 = dy^T h
+            dh = torch.mm(dy, down_EDI[e])  # (n, I)
+            dgu = torch.empty_like(gu_NH[start:end])
+            torch.mul(dh * up, sig * (1 + gate * (1 - sig)), out=dgu[:, :I])  # silu'(g) = s (1 + g (1 - s))
+            torch.mul(dh, act, out=dgu[:, I:])
+            if need_w1:
+                torch.mm(dgu.t(), x_ND[start:end], out=dw1[e])  # dL/dW1 = dgu^T x
+            if need_x:
+                torch.mm(dgu, gate_up_EHD[e], out=dx_ND[start:end])  # dL/dx = dgu W1
+            start = end
+        return dx_ND, dw1, dw2, None
+
+
+def _grouped_autograd(x_ND, gate_up_EHD, down_EDI, counts, act_fn) -> torch.Tensor:
+    """The same computation through autograd, for activations other than SiLU."""
+    I = down_EDI.shape[-1]
+    outs, start = [], 0
+    for e, n in enumerate(counts):
+        if n:
+            gate_up = F.linear(x_ND[start : start + n], gate_up_EHD[e])  # (n, 2I)
+            outs.append(F.linear(act_fn(gate_up[:, :I]) * gate_up[:, I:], down_EDI[e]))
+            start += n
+    return torch.cat(outs) if outs else x_ND.new_zeros(0, x_ND.shape[-1])
 
 
 def grouped_experts_forward(
@@ -28,7 +111,8 @@ def grouped_experts_forward(
     """Run each token through its experts and sum the weighted outputs.
 
     Tokens are sorted by expert so that each expert's tokens are one contiguous slice, and each expert does
-    one GEMM for its whole group (no per-token loop, no full (E, T, D) tensor).
+    one GEMM for its whole group (no per-token loop, no full (E, T, D) tensor). With SiLU (SwiGLU) the grouped
+    GEMMs run in `GroupedSwiGLU`, whose backward writes each expert's weight gradient once.
 
     Args:
         x_TD: expert input, shape (T, D).
@@ -43,31 +127,21 @@ def grouped_experts_forward(
     """
     K = indices_TK.shape[1]
     E = gate_up_proj_EHD.shape[0]
-    I = down_proj_EDI.shape[-1]
 
     flat_expert_N = indices_TK.reshape(-1)  # (T*K,)
     order_N = torch.argsort(flat_expert_N, stable=True)  # assignments grouped by expert, token order inside
-    counts_E = torch.bincount(flat_expert_N, minlength=E + 1)[:E]  # the sentinel E is counted, then cut
-    counts = counts_E.tolist()
+    counts = torch.bincount(flat_expert_N, minlength=E + 1)[:E].tolist()  # the sentinel E is counted, then cut
     n_routed = sum(counts)
     order_N = order_N[:n_routed]  # dropped assignments sorted last: cut them
     token_N = order_N // K  # which token each sorted assignment belongs to
     x_ND = x_TD.index_select(0, token_N)
-    weight_N1 = weights_TK.reshape(-1).index_select(0, order_N).unsqueeze(-1)
+    weight_N1 = weights_TK.reshape(-1).index_select(0, order_N).unsqueeze(-1).to(x_TD.dtype)
 
-    y_ND = x_TD.new_empty(n_routed, x_TD.shape[-1])
-    start = 0
-    for e, count in enumerate(counts):
-        if count == 0:
-            continue
-        end = start + count
-        gate_up = F.linear(x_ND[start:end], gate_up_proj_EHD[e])  # (n_e, 2I)
-        h = act_fn(gate_up[:, :I]) * gate_up[:, I:]  # SwiGLU (Shazeer 2020, Eq. 6)
-        y_ND[start:end] = F.linear(h, down_proj_EDI[e])  # (n_e, D)
-        start = end
-
-    y_ND = (y_ND * weight_N1).to(x_TD.dtype)
-    return torch.zeros_like(x_TD).index_add_(0, token_N, y_ND)
+    if isinstance(act_fn, (nn.SiLU, SiLUActivation)) or act_fn is F.silu:
+        y_ND = GroupedSwiGLU.apply(x_ND, gate_up_proj_EHD, down_proj_EDI, counts)
+    else:
+        y_ND = _grouped_autograd(x_ND, gate_up_proj_EHD, down_proj_EDI, counts, act_fn)
+    return torch.zeros_like(x_TD).index_add_(0, token_N, y_ND * weight_N1)
 
 
 class MoeExperts(nn.Module):
