@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN, SiLUActivation
+from transformers.integrations import use_experts_implementation
 
 
 def _swiglu_group_forward(x_nD, w1_HD, w2_DI, gu_out_nH, y_out_nD) -> None:
@@ -144,8 +145,14 @@ def grouped_experts_forward(
     return torch.zeros_like(x_TD).index_add_(0, token_N, y_ND * weight_N1)
 
 
+@use_experts_implementation
 class MoeExperts(nn.Module):
-    """E SwiGLU experts stored as two 3-D parameters (Mixtral layout); see the module docstring."""
+    """E SwiGLU experts stored as two 3-D parameters (Mixtral layout); see the module docstring.
+
+    Plugged into transformers' experts interface: `from_pretrained(..., experts_implementation=...)` or
+    `model.set_experts_implementation(...)` swaps `forward` for one of transformers' implementations
+    ("grouped_mm", "batched_mm", ...). The default, "eager", is `grouped_experts_forward` below.
+    """
 
     def __init__(self, config) -> None:
         super().__init__()

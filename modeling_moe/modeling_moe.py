@@ -277,6 +277,31 @@ class MoePreTrainedModel(PreTrainedModel):
         "attentions": MoeAttention,
     }
 
+    @classmethod
+    def _can_set_experts_implementation(cls) -> bool:
+        return True  # MoeExperts (experts.py) carries transformers' @use_experts_implementation
+
+    def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
+        """Default to this repository's grouped implementation ("eager"); others only where they are exact.
+
+        transformers' other implementations do not skip dropped assignments (the sentinel index E), so they are
+        refused for configs that can drop (a capacity factor) or leave assignments unchosen (expert choice).
+        """
+        if requested_experts is None:
+            return "eager"
+        can_drop = (
+            self.config.capacity_factor_train is not None
+            or self.config.capacity_factor_eval is not None
+            or self.config.router_type == "expert_choice"
+        )
+        if requested_experts != "eager" and can_drop:
+            raise ValueError(
+                f"experts_implementation={requested_experts!r} does not skip dropped assignments; with "
+                f"capacity_factor_train={self.config.capacity_factor_train}, capacity_factor_eval="
+                f"{self.config.capacity_factor_eval}, router_type={self.config.router_type!r} use 'eager'"
+            )
+        return super().get_correct_experts_implementation(requested_experts)
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         """transformers' `save_pretrained`, with every model class of this file in the config's `auto_map`, so
         that a Hub user can load the folder with any of the Auto classes and `trust_remote_code=True`."""

@@ -108,3 +108,25 @@ def test_bfloat16_gradients_close_to_float32():
         grads[dtype] = [p.grad.float() for p in params]
     for g16, g32 in zip(grads[torch.bfloat16], grads[torch.float32]):
         torch.testing.assert_close(g16, g32, atol=0.05 * g32.abs().max().item(), rtol=0.05)
+
+
+def test_transformers_experts_interface_switches_implementations():
+    from modeling_moe import MoeForCausalLM
+    from tests.conftest import tiny_config
+
+    model = MoeForCausalLM(tiny_config()).eval()
+    assert model.config._experts_implementation == "eager"  # ours by default
+    ids = torch.randint(3, 128, (2, 9))
+    ours = model(ids).logits
+    model.set_experts_implementation("batched_mm")
+    assert model.config._experts_implementation == "batched_mm"
+    torch.testing.assert_close(model(ids).logits, ours, atol=1e-5, rtol=1e-5)
+
+
+def test_implementations_that_cannot_drop_are_refused_with_capacity():
+    from modeling_moe import MoeForCausalLM
+    from tests.conftest import tiny_config
+
+    model = MoeForCausalLM(tiny_config(capacity_factor_train=1.0))
+    with pytest.raises(ValueError, match="experts_implementation"):
+        model.set_experts_implementation("batched_mm")
