@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from .loading import EvalInputError
+from .errors import EvalInputError
 
 TASK_DIR = Path(__file__).resolve().parent / "tasks"
 REPO_ROOT = TASK_DIR.parent.parent

@@ -16,12 +16,10 @@ import modeling_moe  # noqa: F401  (registers model_type "moe_lm" with the Auto 
 from modeling_moe import MoeForCausalLM
 from modeling_moe.convert import from_mixtral
 
+from .errors import EvalInputError
+
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
-
-
-class EvalInputError(ValueError):
-    """A harness input is unusable; the message names the argument (or path) and what is allowed."""
 
 
 @dataclass

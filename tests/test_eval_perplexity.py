@@ -128,7 +128,7 @@ def test_model_folder_without_weights(tmp_path, model):
     (folder / "pytorch_model.bin").write_bytes(b"not loaded")
     with pytest.raises(EvalInputError, match="pickle weights are not loaded"):
         load_model(str(folder))
-    with pytest.raises(EvalInputError, match="has no config.json"):
+    with pytest.raises(EvalInputError, match=r"has no config\.json"):
         load_model(str(tmp_path))
 
 

@@ -15,8 +15,8 @@ from modeling_moe import routing_stats
 _DESCRIPTION = """
 Expert load balance of mixture-of-experts routing. Each example is one token: `expert_indices` lists the experts
 its assignments ran on (K values, the sentinel `num_experts` for a dropped assignment; a row of negative values,
-such as Trainer's -100 padding, is ignored). With the optional `layer` keyword of `compute`, each MoE layer is scored on its
-own and the result also holds per-layer lists.
+such as Trainer's -100 padding, is ignored). With the optional `layer` keyword of `compute`, each MoE layer is
+scored on its own and the result also holds per-layer lists.
 """
 
 _KWARGS_DESCRIPTION = """
