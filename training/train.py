@@ -3,7 +3,10 @@
     python -m training.train --preset tiny-mixtral --train_file corpus.txt --output_dir outputs/run --max_steps 200
     python -m training.train run.yaml                      # every argument from a JSON / YAML file ...
     python -m training.train run.yaml --max_steps 50       # ... and command-line values on top
-    accelerate launch --num_processes 2 --cpu -m training.train --preset tiny-mixtral --train_file corpus.txt ...
+    accelerate launch --multi_gpu --num_processes 2 -m training.train ...   # 2 processes, also on CPU (gloo)
+
+(On a CPU-only machine `accelerate launch --cpu --num_processes 2` starts ONE process in accelerate 1.15 unless
+an MPI hostfile is given; `--multi_gpu` launches through torchrun and works on CPU, as does `torchrun`.)
 
 The model comes from exactly one of `--preset` (a name in configuration/ or a JSON file of MoeConfig fields),
 `--config` (a saved config.json) or `--model_name_or_path` (a saved model folder: continue training).
@@ -114,10 +117,11 @@ class ModelArguments:
 class MoeTrainingArguments(TrainingArguments):
     """transformers' `TrainingArguments` with defaults for small MoE runs.
 
-    `ddp_broadcast_buffers` is off: DDP would otherwise copy rank 0's router `load_counts` buffer over every other
-    rank's before each forward, and the aux-loss-free bias update (which sums the counts over ranks) would see
-    rank 0's load twice and the others' never. The bias itself stays identical on all ranks because each applies
-    the same update from the summed counts.
+    Multi-process runs on a machine without an accelerator set `use_cpu` (gloo), which transformers needs to
+    treat the launch as distributed. `ddp_broadcast_buffers` is off: DDP would otherwise copy rank 0's router
+    `load_counts` buffer over every other rank's before each forward, and the aux-loss-free bias update (which
+    sums the counts over ranks) would see rank 0's load twice and the others' never. The bias itself stays
+    identical on all ranks because each applies the same update from the summed counts.
     """
 
     output_dir: str | None = field(default=DEFAULT_OUTPUT_DIR, metadata={"help": "Checkpoints and logs."})
@@ -128,6 +132,13 @@ class MoeTrainingArguments(TrainingArguments):
     save_steps: float = field(default=DEFAULT_SAVE_STEPS, metadata={"help": "Checkpoint every N steps."})
     prediction_loss_only: bool = field(default=True, metadata={"help": "Evaluation keeps only the loss."})
     ddp_broadcast_buffers: bool | None = field(default=False, metadata={"help": "See the class docstring."})
+
+    def __post_init__(self) -> None:
+        # transformers runs a multi-process launch on a machine without accelerator as separate single-process
+        # trainings unless `use_cpu` is set; set it, so that `accelerate launch --multi_gpu` / torchrun just work.
+        if not self.use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available():
+            self.use_cpu = True
+        super().__post_init__()
 
 
 class MoeTrainer(Trainer):
@@ -377,7 +388,12 @@ def main(argv: list[str] | None = None) -> dict:
         )
     model = build_model(model_args, config, tokenizer)
     logger.info("%s", balancing)
-    logger.info("train blocks %d, eval blocks %d", len(blocks["train"]), len(blocks["validation"]))
+    logger.info(
+        "train blocks %d, eval blocks %d, processes %d",
+        len(blocks["train"]),
+        len(blocks["validation"]),
+        args.world_size,
+    )
 
     trainer = MoeTrainer(
         model=model,
