@@ -91,13 +91,16 @@ def load_model(source: str, dtype: str = "float32", device: str = "cpu", field: 
     """
     check_model_source(source, field)
     torch_dtype = resolve_dtype(dtype)
-    config = AutoConfig.from_pretrained(source, trust_remote_code=True)
-    if config.model_type == "mixtral":
-        model = from_mixtral(source).to(device=device, dtype=torch_dtype)
-        return LoadedModel(model.eval(), str(source), "mixtral", converted_from="mixtral")
-    model = AutoModelForCausalLM.from_pretrained(
-        source, trust_remote_code=True, use_safetensors=True, dtype=torch_dtype
-    )
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=True)
+        if config.model_type == "mixtral":
+            model = from_mixtral(source).to(device=device, dtype=torch_dtype)
+            return LoadedModel(model.eval(), str(source), "mixtral", converted_from="mixtral")
+        model = AutoModelForCausalLM.from_pretrained(
+            source, trust_remote_code=True, use_safetensors=True, dtype=torch_dtype
+        )
+    except OSError as err:  # not found locally and not reachable on the Hub
+        raise EvalInputError(f"{field}: could not load a model from {source!r}: {err}") from err
     model = model.to(device).eval()
     kind = "moe" if isinstance(model, MoeForCausalLM) or _is_remote_moe(model) else "dense"
     return LoadedModel(model, str(source), kind)

@@ -177,7 +177,7 @@ def plot_consecutive(routing: dict) -> str:
         ax.set_ylim(0, 1)
         ax.set_title("consecutive-layer agreement (shared experts / k)")
 
-    return figure_png(draw, (6.4, 2.6))
+    return figure_png(draw, (max(4.8, 1.6 + 1.2 * len(values)), 2.8))
 
 
 def plot_capacity_sweep(sweep: dict, layers: list[int]) -> str:
@@ -272,6 +272,7 @@ th{background:#f3f3f3}td.l,th.l{text-align:left}img{max-width:100%;display:block
 border:1px solid #ddd;padding:6px}.passage span{border-radius:2px}.note{color:#666;font-size:13px}
 .legend span{padding:1px 6px;margin-right:4px;font-size:12px}
 .grid{display:flex;flex-wrap:wrap;gap:8px}.grid table{font-size:12px}
+.plots{display:flex;flex-wrap:wrap;gap:6px;align-items:flex-start}.plots img{max-width:49%;height:auto;margin:0}
 """
 
 
@@ -369,30 +370,27 @@ def _routing_section(results: dict) -> str:
     layers = routing["moe_layers"]
     keys = ["load_cv", "load_entropy", "router_entropy", "top1_prob", "margin", "dropped_fraction", "dead_experts"]
     rows = [[f"L{s['layer']}", *[s[k] for k in keys]] for s in routing["layers"]]
+    plots = [_img(plot_balance(routing), "load balance per layer"), _img(plot_confidence(routing), "router confidence")]
+    if len(layers) > 1:
+        plots.append(_img(plot_consecutive(routing), "consecutive-layer agreement"))
+    if routing.get("capacity_sweep"):
+        plots.append(_img(plot_capacity_sweep(routing["capacity_sweep"], layers), "drops against capacity factor"))
     parts = [
         "<h2>Routing</h2>",
         f'<p class="note">{routing["router_type"]} routing, E={routing["num_experts"]}, k={routing["top_k"]}, '
         f"{routing['num_tokens']:,} tokens.</p>",
-        _img(plot_load_heatmap(routing), "expert load heatmap"),
-        _table(["layer", *keys], rows),
-        _img(plot_balance(routing), "load balance per layer"),
-        _img(plot_confidence(routing), "router confidence"),
+        f'<div class="plots">{_img(plot_load_heatmap(routing), "expert load heatmap")}{_table(["layer", *keys], rows)}'
+        "</div>",
+        f'<div class="plots">{"".join(plots)}</div>',
     ]
-    if len(layers) > 1:
-        parts.append(_img(plot_consecutive(routing), "consecutive-layer agreement"))
-    if routing.get("capacity_sweep"):
-        parts.append("<h3>Drops against capacity factor</h3>")
-        parts.append(_img(plot_capacity_sweep(routing["capacity_sweep"], layers), "capacity sweep"))
     if routing.get("comparison"):
         comp = routing["comparison"]
         parts.append("<h3>Routing compared with the second model</h3>")
-        parts.append(_img(plot_comparison(comp), "routing comparison"))
-        parts.append(
-            _table(
-                ["layer", "top-k agreement", "KL (nats)"],
-                [[f"L{a}", b, c] for a, b, c in zip(comp["layers"], comp["topk_agreement"], comp["routing_kl"])],
-            )
+        table = _table(
+            ["layer", "top-k agreement", "KL (nats)"],
+            [[f"L{a}", b, c] for a, b, c in zip(comp["layers"], comp["topk_agreement"], comp["routing_kl"])],
         )
+        parts.append(f'<div class="plots">{_img(plot_comparison(comp), "routing comparison")}{table}</div>')
     parts.append("<h2>What experts learn</h2>")
     parts.append("<p>A passage, each token coloured by its first-choice expert:</p>")
     parts.append(passage_html(routing["passage"], routing["num_experts"], layers))

@@ -254,12 +254,12 @@ def run(args: EvalArguments) -> dict:
 
     # standard benchmarks
     if args.task_list:
-        model_ref = args.model if is_local_folder(args.model) and not loaded.converted_from else loaded.model
+        local = is_local_folder(args.model)  # lm-eval loads a folder itself; anything else is handed over in memory
         limit = int(args.lm_eval_limit) if args.lm_eval_limit and args.lm_eval_limit >= 1 else args.lm_eval_limit
         results["lm_eval"] = run_lm_eval(
-            model_ref,
+            args.model if local else loaded.model,
             args.task_list,
-            tokenizer=args.tokenizer or (tokenizer if not is_local_folder(args.model) else None),
+            tokenizer=args.tokenizer if local else (args.tokenizer or tokenizer),
             limit=limit,
             batch_size=args.batch_size,
             device=args.device,

@@ -142,3 +142,9 @@ def test_cli_reports_bad_input_clearly(tmp_path, model, capsys):
     with pytest.raises(SystemExit):
         main(["--model", str(folder), "--dtype", "float8"])
     assert "dtype must be one of" in capsys.readouterr().err
+
+
+def test_unreachable_hub_id(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(EvalInputError, match="model: could not load a model from 'nobody/no-such-model'"):
+        load_model("nobody/no-such-model")

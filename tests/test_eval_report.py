@@ -109,3 +109,31 @@ def test_report_renders_in_headless_chromium_with_plots_visible(run_dir, tmp_pat
 def test_render_from_json_alone(run_dir):
     results = json.loads((run_dir / "results.json").read_text())
     assert render_html(results).count("data:image/png;base64,") >= 9
+
+
+def test_mixtral_model_against_a_dense_model(tmp_path):
+    """A transformers Mixtral folder (converted, routing recorded) compared with a dense Llama (quality only)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from modeling_moe.convert import to_mixtral
+
+    tokenizer = train_byte_level_bpe(stdlib_paragraphs(max_chars=30_000), vocab_size=300)
+    torch.manual_seed(0)
+    to_mixtral(MoeForCausalLM(tiny_config(vocab_size=300)).eval()).save_pretrained(tmp_path / "mixtral")
+    dense = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, max_position_embeddings=128)  # fmt: skip
+    LlamaForCausalLM(dense).save_pretrained(tmp_path / "dense")
+    for name in ("mixtral", "dense"):
+        tokenizer.save_pretrained(tmp_path / name)
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(stdlib_paragraphs(max_chars=3000)[:4]) + "\n")
+    results = main(
+        ["--model", str(tmp_path / "mixtral"), "--compare_model", str(tmp_path / "dense"), "--dataset", str(texts),
+         "--output_dir", str(tmp_path / "out"), "--max_length", "32", "--no_cost", "--lm_eval_tasks", ""]
+    )  # fmt: skip
+    assert results["meta"]["model_kind"] == "mixtral" and len(results["routing"]["layers"]) == 2
+    assert "capacity_sweep" not in results["routing"]  # dropless Mixtral routing: no sweep in auto mode
+    assert set(results["quality"]["models"]) == {"model", "compare_model"}
+    assert "token_comparison" in results["quality"] and "comparison" not in results["routing"]
+    assert any("records no routing" in note for note in results["notes"])
+    assert any("converted with modeling_moe.convert.from_mixtral" in note for note in results["notes"])
