@@ -335,10 +335,19 @@ def main(argv: list[str] | None = None) -> dict:
     train_output = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
 
     results: dict = {"global_step": trainer.state.global_step, "train_loss": train_output.training_loss}
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate wraps it
+    router_ids = {id(p) for _, p in trainable_router_parameters(peft_model)}
+    results["param_groups"] = [
+        {
+            "lr": group.get("initial_lr", group["lr"]),
+            "weight_decay": group["weight_decay"],
+            "params": len(group["params"]),
+            "router": any(id(p) in router_ids for p in group["params"]),
+        }
+        for group in optimizer.param_groups
+    ]
     if freezer is not None:
-        violations = freezer.violations(
-            trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
-        )
+        violations = freezer.violations(optimizer)
         if violations:
             raise RuntimeError(f"ESFT frozen experts changed: {violations[:5]}")
         results["esft_experts"] = {str(k): v for k, v in selected.items()}

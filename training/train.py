@@ -198,8 +198,26 @@ def parse_arguments(parser: HfArgumentParser, argv: list[str] | None) -> tuple:
         unknown = sorted(set(values) - known)
         if unknown:
             raise TrainArgumentError(f"{path} has unknown arguments {unknown}; see --help")
-        parser.set_defaults(**values)
+        argv = [*file_values_as_argv(values), *argv]  # later (command-line) values win
     return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+
+
+def file_values_as_argv(values: dict) -> list[str]:
+    """Arguments-file values as command-line tokens, so that they are converted and checked like typed ones:
+    lists become several values, mappings (e.g. config_overrides) JSON, booleans true / false; None is skipped."""
+    argv: list[str] = []
+    for key, value in values.items():
+        if value is None:
+            continue
+        if isinstance(value, (list, tuple)):
+            argv += [f"--{key}", *(str(v) for v in value)]
+        elif isinstance(value, dict):
+            argv += [f"--{key}", json.dumps(value)]
+        elif isinstance(value, bool):
+            argv += [f"--{key}", str(value).lower()]
+        else:
+            argv += [f"--{key}", str(value)]
+    return argv
 
 
 def validate_arguments(model_args: ModelArguments, data_args: DataArguments, args: TrainingArguments) -> None:
