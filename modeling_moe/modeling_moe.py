@@ -448,20 +448,25 @@ class MoeForCausalLM(MoePreTrainedModel, GenerationMixin):
         self.model = MoeModel(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self._in_generation = False
         self.post_init()
 
     @contextlib.contextmanager
     def dropless_generation(self) -> Iterator[None]:
-        """Context in which MoE blocks route without capacity unless `config.capacity_in_generation` is set."""
+        """Context for `generate()`: MoE blocks route without capacity unless `config.capacity_in_generation`
+        is set, and the forward skips router losses and routing records nobody reads (unless
+        `output_router_logits` is asked for)."""
         blocks = [m for m in self.modules() if isinstance(m, MoeSparseBlock)]
-        previous = [b.in_generation for b in blocks]
+        previous = [b.in_generation for b in blocks], self._in_generation
         for b in blocks:
             b.in_generation = True
+        self._in_generation = True
         try:
             yield
         finally:
-            for b, p in zip(blocks, previous):
+            for b, p in zip(blocks, previous[0]):
                 b.in_generation = p
+            self._in_generation = previous[1]
 
     def generate(self, *args, **kwargs):
         """transformers' `generate()`, run under `dropless_generation()` (see `MoeSparseBlock`)."""
@@ -491,6 +496,9 @@ class MoeForCausalLM(MoePreTrainedModel, GenerationMixin):
         output_router_logits = (
             output_router_logits if output_router_logits is not None else self.config.output_router_logits
         )
+        # Router losses are always computed (aux_loss is always set), except inside generate() where nobody
+        # reads them: there the routing is recorded only when asked for.
+        record = output_router_logits or not self._in_generation
         outputs: MoeModelOutput = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -498,8 +506,8 @@ class MoeForCausalLM(MoePreTrainedModel, GenerationMixin):
             past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
-            output_router_logits=True,  # the router losses need them; returned only when asked
-            output_router_indices=True,  # the aux-loss-free load counts need them
+            output_router_logits=record,  # the router losses need them; returned only when asked
+            output_router_indices=record,  # the aux-loss-free load counts need them
             output_dropped_tokens=output_router_logits,
             **kwargs,
         )
@@ -508,16 +516,17 @@ class MoeForCausalLM(MoePreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden_states[:, slice_indices, :])
 
         router_logits = outputs.router_logits or ()
-        token_mask = _token_mask_for_losses(attention_mask, hidden_states.shape[1])
-        if self.training:
-            self._count_router_load(outputs.router_indices, token_mask)
-        router_losses = self.router_losses(router_logits, token_mask)
-        aux_loss = router_losses["aux"].to(logits.device)
-        loss = None
+        loss = aux_loss = None
+        if record:
+            token_mask = _token_mask_for_losses(attention_mask, hidden_states.shape[1])
+            if self.training:
+                self._count_router_load(outputs.router_indices, token_mask)
+            router_losses = self.router_losses(router_logits, token_mask)
+            aux_loss = router_losses["aux"].to(logits.device)
         if labels is not None:
-            loss = self.loss_function(logits, labels, self.vocab_size, **kwargs) + router_losses["total"].to(
-                logits.device
-            )
+            loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
+            if record:
+                loss = loss + router_losses["total"].to(loss.device)
 
         dropped = None
         if output_router_logits and outputs.dropped_tokens:
