@@ -502,11 +502,11 @@ class ExpertWeights:
 
 def copy_experts(ffn: DenseFFN, num_experts: int) -> ExpertWeights:
     """Every expert is the dense FFN (Komatsuzaki et al. 2022, Sec. 3.1): (I, D) x 3 -> (E, 2I, D), (E, D, I)."""
-    gate_up = torch.cat([ffn.gate, ffn.up], dim=0)  # (2I, D)
-    return ExpertWeights(
-        gate_up.unsqueeze(0).expand(num_experts, -1, -1).contiguous(),  # (E, 2I, D)
-        ffn.down.unsqueeze(0).expand(num_experts, -1, -1).contiguous(),  # (E, D, I)
-    )
+    I, D = ffn.gate.shape
+    gate_up = torch.empty(num_experts, 2 * I, D, dtype=ffn.gate.dtype)  # (E, 2I, D), filled in place: no temporary
+    gate_up[:, :I] = ffn.gate
+    gate_up[:, I:] = ffn.up
+    return ExpertWeights(gate_up, ffn.down.unsqueeze(0).expand(num_experts, -1, -1).contiguous())  # down (E, D, I)
 
 
 def add_noise(experts: ExpertWeights, ffn: DenseFFN, noise_std: float, generator: torch.Generator) -> ExpertWeights:
@@ -952,6 +952,16 @@ def moe_layer_tensors(plan: UpcyclePlan, layer_idx: int, ffn: DenseFFN) -> dict[
     return out
 
 
+def _write_unit(plan: UpcyclePlan, tensors: dict[str, torch.Tensor], path: Path) -> tuple[int, list[str]]:
+    """Check one unit against the expected keys and shapes and save it as one shard; return its bytes and keys.
+    Everything the unit allocated is released when this returns (the caller keeps no reference)."""
+    for k, t in tensors.items():
+        if plan.expected.get(k) != tuple(t.shape):
+            raise RuntimeError(f"upcycling produced {k!r} with shape {tuple(t.shape)}, expected {plan.expected.get(k)}")
+    save_file({k: t.contiguous() for k, t in tensors.items()}, path, metadata={"format": "pt"})
+    return sum(t.numel() * t.element_size() for t in tensors.values()), list(tensors)
+
+
 def write_shards(plan: UpcyclePlan, source, folder: Path, progress: bool = False) -> int:
     """Convert unit by unit, each to its own safetensors shard, then write the index.
 
@@ -966,18 +976,10 @@ def write_shards(plan: UpcyclePlan, source, folder: Path, progress: bool = False
     weight_map: dict[str, str] = {}
     total = 0
     for u, (name, keys) in enumerate(tqdm(plan.units, desc="upcycling", unit="shard", disable=not progress)):
-        tensors = convert_unit(plan, name, source.read(keys))
-        for k, t in tensors.items():
-            if plan.expected.get(k) != tuple(t.shape):
-                raise RuntimeError(
-                    f"upcycling produced {k!r} with shape {tuple(t.shape)}, expected {plan.expected.get(k)}"
-                )
         shard = f"model-{u + 1:05d}-of-{n:05d}.safetensors"
-        tensors = {k: t.contiguous() for k, t in tensors.items()}
-        save_file(tensors, folder / shard, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(tensors, shard))
-        total += sum(t.numel() * t.element_size() for t in tensors.values())
-        del tensors
+        size, written = _write_unit(plan, convert_unit(plan, name, source.read(keys)), folder / shard)
+        total += size
+        weight_map.update(dict.fromkeys(written, shard))
     missing = sorted(set(plan.expected) - set(weight_map))
     if missing:
         raise RuntimeError(f"upcycling wrote no tensor for {missing[:5]}")
@@ -1008,7 +1010,7 @@ def _describe(plan: UpcyclePlan, base_model: str | None) -> str:
     )
 
 
-def _write_side_files(plan, folder: Path, dense, tokenizer, base_model: str | None) -> None:
+def _write_side_files(plan, folder: Path, name: str, dense, tokenizer, base_model: str | None) -> None:
     """config.json (with auto_map), the modeling files, generation config, tokenizer and README.md."""
     meta_model, _ = _expected_moe_shapes(plan.config)
     config = plan.config
@@ -1026,12 +1028,12 @@ def _write_side_files(plan, folder: Path, dense, tokenizer, base_model: str | No
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     elif isinstance(dense, Path):
-        for name in TOKENIZER_FILES:
-            if (dense / name).is_file():
-                shutil.copyfile(dense / name, folder / name)
+        for file in TOKENIZER_FILES:
+            if (dense / file).is_file():
+                shutil.copyfile(dense / file, folder / file)
     card = model_card(
         meta_model,
-        folder.name if not folder.name.startswith(".") else "upcycled-moe",
+        name,
         base_model=base_model,
         description=_describe(plan, base_model),
         extra_tags=("sparse-upcycling", plan.options.expert_init.replace("_", "-")),
@@ -1108,7 +1110,7 @@ def upcycle_to_folder(
     base_model = base_model or _default_base_model(dense_config, dense)
     with atomic_directory(out, overwrite=overwrite) as tmp:
         write_shards(plan, source, tmp, progress=progress)
-        _write_side_files(plan, tmp, dense, tokenizer, base_model)
+        _write_side_files(plan, tmp, out.name, dense, tokenizer, base_model)
     return out
 
 
@@ -1203,8 +1205,8 @@ def upcycle(
     with tempfile.TemporaryDirectory(prefix="upcycle-") as tmp:
         folder = upcycle_to_folder(dense_model_or_dir, Path(tmp) / "moe", **kwargs)
         model = MoeForCausalLM.from_pretrained(folder).eval()
-        for p in model.parameters():  # own the memory: the folder is deleted on return
-            p.data = p.data.clone()
+        for t in [*model.parameters(), *model.buffers()]:  # own the memory: the folder is deleted on return
+            t.data = t.data.clone()
         return model
 
 

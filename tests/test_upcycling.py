@@ -122,6 +122,21 @@ def test_copy_init_preserves_logits_whatever_the_router(family, layers):
     _assert_same_logits(dense, moe)
 
 
+def test_rope_scaling_and_norm_eps_are_carried_over():
+    rope = {
+        "rope_type": "llama3",
+        "rope_theta": 5e5,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8,
+    }
+    dense = _dense("llama", rope_parameters=rope, rms_norm_eps=1e-3)
+    moe = upcycle(dense, num_experts=4)
+    assert moe.config.rope_parameters == dense.config.rope_parameters and moe.config.rms_norm_eps == 1e-3
+    _assert_same_logits(dense, moe)
+
+
 def test_dense_layers_stay_bitwise_identical():
     dense = _dense("llama")
     moe = upcycle(dense, num_experts=4, moe_layers=[1])
@@ -506,7 +521,8 @@ def test_hub_ready_folder_round_trips_through_trust_remote_code_in_a_fresh_proce
     meta = card.split("---")[1]
     for line in ("base_model: me/tiny-llama", "- sparse-upcycling", "total_parameters:", "active_parameters:"):
         assert line in meta, line
-    assert "Komatsuzaki" in card
+    assert "Komatsuzaki" in card, card
+    assert "\n# moe\n" in card, card  # titled after the output folder
 
     prompt = "Return the number of items in a container."
     script = tmp_path / "load.py"
