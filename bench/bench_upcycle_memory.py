@@ -213,8 +213,8 @@ def report(rows: list[dict], args: argparse.Namespace, cmd_line: str) -> str:
         "",
         "The peak stays flat as the model gets deeper while the weights grow linearly: it is the baseline plus the "
         "dense tensors of one layer plus one upcycled layer (only the tensors of the unit being converted are read "
-        "from a shard, so even the whole input shard is never resident), below the design bound "
-        '"largest input shard + one upcycled layer".',
+        "from a shard, so even the whole input shard is never resident), so peak - baseline stays below the "
+        'design bound "largest input shard + one upcycled layer".',
         "",
         f"**Full 7B extrapolation** (Mistral-7B shape: 32 layers, vocab 32000, upcycled to 8 experts top-2, bf16): "
         f"upcycled weights {ext['moe_total'] / GiB:.1f} GiB; one upcycled layer {ext['moe_layer'] / GiB:.2f} GiB. "
