@@ -334,7 +334,11 @@ def main(argv: list[str] | None = None) -> dict:
     monitor = RouterMonitorCallback.attach(trainer)
     train_output = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
 
-    results: dict = {"global_step": trainer.state.global_step, "train_loss": train_output.training_loss}
+    results: dict = {
+        "global_step": trainer.state.global_step,
+        "train_loss": train_output.training_loss,
+        "trainable_parameters": trainable,
+    }
     optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate wraps it
     router_ids = {id(p) for _, p in trainable_router_parameters(peft_model)}
     results["param_groups"] = [
