@@ -12,7 +12,7 @@ from modeling_moe.routing_stats import expert_counts, load_cv
 from tests.conftest import tiny_config
 
 STEPS = 300
-# Over seeds 1-5 the held-out CV after 300 steps was 0.75-1.32 without balancing and 0.08-0.28 with each method;
+# Over seeds 1-5 the held-out CV after 300 steps was 0.74-1.32 without balancing and 0.04-0.25 with each method;
 # the test uses one fixed seed so it is deterministic on the CPU.
 SEED = 2
 COLLAPSED_CV = 0.9  # all tokens on one of 4 experts gives CV = sqrt(3) = 1.73; uniform gives 0
@@ -67,7 +67,7 @@ def test_without_balancing_the_load_stays_collapsed():
     [
         dict(router_aux_loss_coef=0.1),  # Switch / GShard
         dict(router_importance_loss_coef=0.1),  # Shazeer et al. CV^2
-        dict(router_bias_update_rate=0.01),  # DeepSeek-V3 aux-loss-free
+        dict(router_bias_update_rate=0.005),  # DeepSeek-V3 aux-loss-free
     ],
     ids=["aux_loss", "importance_cv2", "aux_free_bias"],
 )
