@@ -134,15 +134,19 @@ def grouped_experts_forward(
     counts = torch.bincount(flat_expert_N, minlength=E + 1)[:E].tolist()  # the sentinel E is counted, then cut
     n_routed = sum(counts)
     order_N = order_N[:n_routed]  # dropped assignments sorted last: cut them
-    token_N = order_N // K  # which token each sorted assignment belongs to
-    x_ND = x_TD.index_select(0, token_N)
+    x_ND = x_TD.index_select(0, order_N // K)  # order_N // K: the token of each sorted assignment
     weight_N1 = weights_TK.reshape(-1).index_select(0, order_N).unsqueeze(-1).to(x_TD.dtype)
 
     if isinstance(act_fn, (nn.SiLU, SiLUActivation)) or act_fn is F.silu:
         y_ND = GroupedSwiGLU.apply(x_ND, gate_up_proj_EHD, down_proj_EDI, counts)
     else:
         y_ND = _grouped_autograd(x_ND, gate_up_proj_EHD, down_proj_EDI, counts, act_fn)
-    return torch.zeros_like(x_TD).index_add_(0, token_N, y_ND * weight_N1)
+    # Combine: put each weighted output back in its (token, choice) slot, then sum the k choices. No
+    # scatter-add: deterministic, one rounding per token in low precision, and no atomics / thread contention.
+    T, D = x_TD.shape
+    slots_ND = y_ND.new_zeros(T * K, D) if n_routed < T * K else y_ND.new_empty(T * K, D)
+    slots_ND = slots_ND.index_copy(0, order_N, y_ND * weight_N1)
+    return slots_ND.view(T, K, D).sum(dim=1)
 
 
 @use_experts_implementation
