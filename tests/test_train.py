@@ -16,7 +16,7 @@ from transformers import Trainer, TrainingArguments, default_data_collator
 
 from modeling_moe import MoeForCausalLM
 from tests.conftest import tiny_config
-from tests.training_helpers import REPO_ROOT, free_port, losses, make_corpus, offline_env, tiny_run_args
+from tests.training_helpers import REPO_ROOT, TINY_OVERRIDES, free_port, losses, make_corpus, offline_env, tiny_run_args
 from training import train
 from training.data import DataError
 from training.train import MoeTrainer, TrainArgumentError
@@ -126,9 +126,11 @@ def test_two_processes_match_one_process_with_gradient_accumulation(corpus, tmp_
     """accelerate launch (torchrun launcher, gloo on CPU) with 2 processes x micro-batch 2 against one process
     with gradient accumulation 2 over the same micro-batches, dropless routing. The balancing loss is computed per
     micro-batch on each process in both runs, so the per-step losses, grad norms and router statistics agree to
-    float32 reduction order (rel 1e-5)."""
+    float32 reduction order (rel 1e-5). Aux-loss-free balancing is on too: its bias update sums the load over
+    processes, so both runs take the same bias steps (this needs ddp_broadcast_buffers off)."""
     tokenizer_run = tmp_path / "tok"
-    common = dict(max_steps=4, save_steps=4, per_device_train_batch_size=2)
+    aux_free = json.dumps({**json.loads(TINY_OVERRIDES), "router_bias_update_rate": 0.01})
+    common = dict(max_steps=4, save_steps=4, per_device_train_batch_size=2, config_overrides=aux_free)
     single = train.main(
         tiny_run_args(corpus, tokenizer_run, tmp_path / "cache", gradient_accumulation_steps=2, **common)
     )
@@ -170,6 +172,8 @@ def test_two_processes_match_one_process_with_gradient_accumulation(corpus, tmp_
     assert (ddp_out / "model" / "model.safetensors").is_file()
     ddp_model = MoeForCausalLM.from_pretrained(ddp_out / "model")
     one_model = MoeForCausalLM.from_pretrained(tokenizer_run / "model")
+    bias = ddp_model.model.layers[1].mlp.router.e_score_correction_bias
+    assert bias.abs().sum() > 0, "RouterBiasUpdateCallback is attached when router_bias_update_rate > 0"
     for (name, a), (_, b) in zip(ddp_model.state_dict().items(), one_model.state_dict().items()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
 
@@ -199,3 +203,35 @@ def test_unknown_key_in_arguments_file(tmp_path):
     (tmp_path / "run.json").write_text(json.dumps({"preset": "tiny-mixtral", "learning_rat": 0.1}))
     with pytest.raises(TrainArgumentError, match=r"unknown arguments \['learning_rat'\]"):
         train.main([str(tmp_path / "run.json")])
+
+
+def test_data_from_jsonl_and_parquet_packs_fixed_blocks(tmp_path):
+    import pandas as pd
+
+    from training.data import DataArguments, load_lm_datasets
+    from training.tokenizer import train_byte_level_bpe
+
+    texts = [f"document number {i} says something about experts and routers." for i in range(60)]
+    tokenizer = train_byte_level_bpe(texts, vocab_size=300)
+    pd.DataFrame({"body": texts}).to_json(tmp_path / "d.jsonl", orient="records", lines=True)
+    pd.DataFrame({"body": texts}).to_parquet(tmp_path / "d.parquet")
+    for name in ("d.jsonl", "d.parquet"):
+        args = DataArguments(
+            train_file=[str(tmp_path / name)], text_column="body", block_size=16, cache_dir=str(tmp_path)
+        )
+        blocks = load_lm_datasets(args, tokenizer, max_position_embeddings=64)
+        first = blocks["train"][0]
+        assert len(first["input_ids"]) == 16 and first["labels"] == first["input_ids"]
+        assert set(blocks) == {"train", "validation"} and len(blocks["validation"]) >= 1
+        n_tokens = sum(len(tokenizer(t)["input_ids"]) + 1 for t in texts)
+        assert len(blocks["train"]) + len(blocks["validation"]) <= n_tokens // 16
+    with pytest.raises(DataError, match="--text_column 'text' is not a column"):
+        load_lm_datasets(DataArguments(train_file=[str(tmp_path / "d.jsonl")], cache_dir=str(tmp_path)), tokenizer, 64)
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    with pytest.raises(DataError, match="empty"):
+        load_lm_datasets(
+            DataArguments(train_file=[str(tmp_path / "empty.txt")], cache_dir=str(tmp_path)), tokenizer, 64
+        )
+    (tmp_path / "notes.docx").write_text("x")
+    with pytest.raises(DataError, match="allowed"):
+        load_lm_datasets(DataArguments(train_file=[str(tmp_path / "notes.docx")]), tokenizer, 64)

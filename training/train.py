@@ -118,10 +118,11 @@ class MoeTrainingArguments(TrainingArguments):
     """transformers' `TrainingArguments` with defaults for small MoE runs.
 
     Multi-process runs on a machine without an accelerator set `use_cpu` (gloo), which transformers needs to
-    treat the launch as distributed. `ddp_broadcast_buffers` is off: DDP would otherwise copy rank 0's router
-    `load_counts` buffer over every other rank's before each forward, and the aux-loss-free bias update (which
-    sums the counts over ranks) would see rank 0's load twice and the others' never. The bias itself stays
-    identical on all ranks because each applies the same update from the summed counts.
+    treat the launch as distributed. `ddp_broadcast_buffers` is off: with gradient accumulation, DDP re-broadcasts
+    rank 0's buffers at the forward of the synchronising micro-batch, which would overwrite every other rank's
+    router `load_counts` of the earlier micro-batches with rank 0's, and the aux-loss-free bias update (which sums
+    the counts over ranks) would count rank 0's tokens twice and lose the others'. The bias itself stays
+    identical on all ranks without the broadcast, because each applies the same update from the summed counts.
     """
 
     output_dir: str | None = field(default=DEFAULT_OUTPUT_DIR, metadata={"help": "Checkpoints and logs."})
