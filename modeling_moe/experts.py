@@ -101,6 +101,40 @@ def _grouped_autograd(x_ND, gate_up_EHD, down_EDI, counts, act_fn) -> torch.Tens
     return torch.cat(outs) if outs else x_ND.new_zeros(0, x_ND.shape[-1])
 
 
+# At or below this many (token, expert) assignments, inference skips sorting and grouping (decode steps).
+SMALL_BATCH_ASSIGNMENTS = 8
+
+
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def few_token_experts_forward(
+    x_TD: torch.Tensor,
+    gate_up_proj_EHD: torch.Tensor,
+    down_proj_EDI: torch.Tensor,
+    indices_TK: torch.Tensor,
+    weights_TK: torch.Tensor,
+    act_fn,
+) -> torch.Tensor:
+    """Inference path for a handful of tokens (batch-1 / small-batch decoding): each assignment runs its expert
+    directly on its token's row, with no sort, gather or scatter. Same arguments and result as
+    `grouped_experts_forward`; the sentinel E (dropped) is skipped."""
+    E = gate_up_proj_EHD.shape[0]
+    I = down_proj_EDI.shape[-1]
+    y_TD = torch.zeros_like(x_TD)
+    weights = weights_TK.to(x_TD.dtype)
+    for t, experts in enumerate(indices_TK.tolist()):
+        x_1D = x_TD[t : t + 1]
+        for k, e in enumerate(experts):
+            if e == E:
+                continue
+            gate_up = F.linear(x_1D, gate_up_proj_EHD[e])  # (1, 2I)
+            h = act_fn(gate_up[:, :I]) * gate_up[:, I:]  # SwiGLU
+            y_TD[t : t + 1] += weights[t, k] * F.linear(h, down_proj_EDI[e])
+    return y_TD
+
+
 def grouped_experts_forward(
     x_TD: torch.Tensor,
     gate_up_proj_EHD: torch.Tensor,
@@ -128,6 +162,8 @@ def grouped_experts_forward(
     """
     K = indices_TK.shape[1]
     E = gate_up_proj_EHD.shape[0]
+    if indices_TK.numel() <= SMALL_BATCH_ASSIGNMENTS and not _needs_grad(x_TD, gate_up_proj_EHD, down_proj_EDI):
+        return few_token_experts_forward(x_TD, gate_up_proj_EHD, down_proj_EDI, indices_TK, weights_TK, act_fn)
 
     flat_expert_N = indices_TK.reshape(-1)  # (T*K,)
     order_N = torch.argsort(flat_expert_N, stable=True)  # assignments grouped by expert, token order inside
