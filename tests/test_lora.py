@@ -201,6 +201,7 @@ def test_router_lr_scale_trains_routers_in_their_own_group_and_routing_kl_is_on(
     assert router_groups and all(g["lr"] == pytest.approx(5e-4) for g in router_groups)
     assert all(g["lr"] == pytest.approx(5e-3) for g in groups if not g["router"] and g["params"])
     assert len(results["routers_changed"]) == 4
+    assert any(entry.get("routing_kl", -1) >= 0 for entry in results["log_history"]), "the KL term is logged"
 
 
 def test_routing_kl_loss_is_the_differentiable_routing_kl():

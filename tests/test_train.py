@@ -235,3 +235,11 @@ def test_data_from_jsonl_and_parquet_packs_fixed_blocks(tmp_path):
     (tmp_path / "notes.docx").write_text("x")
     with pytest.raises(DataError, match="allowed"):
         load_lm_datasets(DataArguments(train_file=[str(tmp_path / "notes.docx")]), tokenizer, 64)
+
+
+def test_a_dense_checkpoint_is_refused_with_a_pointer_to_upcycling(corpus, tmp_path):
+    dense = tmp_path / "llama"
+    dense.mkdir()
+    (dense / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(TrainArgumentError, match=r"'llama' model.*training\.upcycle"):
+        train.main(tiny_run_args(corpus, tmp_path / "out", tmp_path / "cache", preset="", model_name_or_path=dense))

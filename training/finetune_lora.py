@@ -59,7 +59,13 @@ from training.lora import (
     trainable_router_parameters,
 )
 from training.monitor import RouterMonitorCallback
-from training.train import MoeTrainer, MoeTrainingArguments, TrainArgumentError, parse_arguments
+from training.train import (
+    MoeTrainer,
+    MoeTrainingArguments,
+    TrainArgumentError,
+    check_moe_config_file,
+    parse_arguments,
+)
 
 logger = logging.getLogger("training.finetune_lora")
 
@@ -132,7 +138,7 @@ class LoraMoeTrainer(MoeTrainer):
         self.routing_kl_coef = routing_kl_coef
         self.router_lr_scale = router_lr_scale
         self.freezer = freezer
-        self.last_routing_kl: float | None = None
+        self._kl_sum, self._kl_count = 0.0, 0
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not (model.training and self.routing_kl_coef > 0):
@@ -144,9 +150,17 @@ class LoraMoeTrainer(MoeTrainer):
         with torch.no_grad(), peft_model.disable_adapter(), eval_mode(peft_model):
             reference = peft_model(input_ids=inputs["input_ids"], attention_mask=mask, output_router_logits=True)
         kl = routing_kl_loss(reference.router_logits, outputs.router_logits, mask)
-        self.last_routing_kl = float(kl.detach())
+        self._kl_sum += float(kl.detach())
+        self._kl_count += 1
         loss = loss + self.routing_kl_coef * kl.to(loss.device)
         return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Trainer's logging, plus `routing_kl`: the mean routing-consistency KL since the previous log."""
+        if self._kl_count and "loss" in logs:
+            logs["routing_kl"] = self._kl_sum / self._kl_count
+            self._kl_sum, self._kl_count = 0.0, 0
+        super().log(logs, start_time)
 
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
@@ -185,8 +199,7 @@ def _split(text: str | None) -> list[str] | None:
 def validate_lora_arguments(lora_args: LoraArguments, args: LoraTrainingArguments) -> MoeConfig:
     """Checks that need only the config; returns the base model's config."""
     path = Path(lora_args.model_name_or_path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"--model_name_or_path: no saved model (config.json) in {str(path)!r}")
+    check_moe_config_file(path / "config.json", "model_name_or_path")
     config = MoeConfig.from_pretrained(str(path))
     if lora_args.lora_r < 1:
         raise TrainArgumentError(f"--lora_r must be an integer >= 1, got {lora_args.lora_r}")
@@ -338,6 +351,7 @@ def main(argv: list[str] | None = None) -> dict:
         "global_step": trainer.state.global_step,
         "train_loss": train_output.training_loss,
         "trainable_parameters": trainable,
+        "log_history": trainer.state.log_history,
     }
     optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate wraps it
     router_ids = {id(p) for _, p in trainable_router_parameters(peft_model)}

@@ -232,6 +232,9 @@ def validate_arguments(model_args: ModelArguments, data_args: DataArguments, arg
         value = getattr(model_args, name)
         if value and not Path(value).exists():
             raise FileNotFoundError(f"--{name}: no such file or folder {value!r}")
+    saved = model_args.config or model_args.model_name_or_path
+    if saved:
+        check_moe_config_file(Path(saved) / "config.json" if Path(saved).is_dir() else Path(saved), sources[0])
     if args.resume_from_checkpoint and not Path(args.resume_from_checkpoint).is_dir():
         raise FileNotFoundError(f"--resume_from_checkpoint: no such folder {args.resume_from_checkpoint!r}")
     final_dir = final_model_dir(model_args, args)
@@ -243,6 +246,19 @@ def validate_arguments(model_args: ModelArguments, data_args: DataArguments, arg
         raise TrainArgumentError("give --max_steps > 0 or --num_train_epochs > 0")
     if args.push_to_hub and args.hub_model_id is not None and args.hub_model_id.count("/") > 1:
         raise TrainArgumentError(f"--hub_model_id must be 'name' or 'owner/name', got {args.hub_model_id!r}")
+
+
+def check_moe_config_file(path: Path, argument: str) -> None:
+    """Raise unless `path` is a config.json of a modeling_moe model (model_type "moe_lm")."""
+    if not path.is_file():
+        raise FileNotFoundError(f"--{argument}: no config.json at {str(path)!r}")
+    model_type = json.loads(path.read_text()).get("model_type")
+    if model_type != MoeConfig.model_type:
+        raise TrainArgumentError(
+            f"--{argument}: {path} describes a {model_type!r} model, not a modeling_moe one "
+            f"({MoeConfig.model_type!r}); "
+            "upcycle a dense checkpoint first (python -m training.upcycle)"
+        )
 
 
 def final_model_dir(model_args: ModelArguments, args: TrainingArguments) -> Path:
