@@ -81,7 +81,7 @@ SMOKE = {
     },
 }
 PRETRAIN_SHARE = 0.8  # the first 80% of the documents; the rest is the fine-tuning domain (1/3 held out for eval)
-STAGE_DIRS = ("data", "tokenizer", "dense", "upcycled", "moe_train", "moe", "lora", "model")
+STAGE_DIRS = ("data", "tokenizer", "dense", "dense_train", "upcycled", "moe_train", "moe", "lora", "model")
 EVAL_MAX_TOKENS = 20_000
 
 
