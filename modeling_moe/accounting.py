@@ -74,9 +74,7 @@ def count_parameters(config_or_model: MoeConfig | nn.Module) -> ParameterCount:
     elif getattr(config_or_model, "model_type", None) == MoeConfig.model_type:  # a remote-code MoeConfig
         return count_parameters(MoeConfig.from_dict(config_or_model.to_dict()))
     else:
-        raise TypeError(
-            f"count_parameters takes a MoeConfig or a MoeForCausalLM, got {type(config_or_model).__name__}"
-        )
+        raise TypeError(f"count_parameters takes a MoeConfig or a MoeForCausalLM, got {type(config_or_model).__name__}")
     config = model.config
     active_fraction = config.num_experts_per_tok / config.num_local_experts
     counts = ParameterCount(total=dict.fromkeys(COMPONENTS, 0), active=dict.fromkeys(COMPONENTS, 0))
