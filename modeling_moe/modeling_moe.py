@@ -440,6 +440,9 @@ class MoeForCausalLM(MoePreTrainedModel, GenerationMixin):
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    # Trainer must not pass `num_items_in_batch`: the router losses are per-micro-batch means, so with it they
+    # would be summed over accumulation steps instead of averaged. Trainer then averages the whole loss.
+    accepts_loss_kwargs = False
     _tp_plan = {"lm_head": "colwise_gather_output"}
     _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
 
@@ -450,6 +453,9 @@ class MoeForCausalLM(MoePreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self._in_generation = False
         self.post_init()
+        # DDP must not broadcast rank 0's per-step load counts over the other ranks' (they are all-reduced at
+        # the bias update instead).
+        self._ddp_params_and_buffers_to_ignore = [n for n, _ in self.named_buffers() if n.endswith("load_counts")]
 
     @contextlib.contextmanager
     def dropless_generation(self) -> Iterator[None]:

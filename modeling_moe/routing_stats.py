@@ -141,7 +141,8 @@ class RoutingAccumulator:
             raise ValueError("RoutingAccumulator needs a model output computed with output_router_logits=True")
         mask = None
         if attention_mask is not None:
-            seq = outputs.logits.shape[1] if outputs.logits is not None else attention_mask.shape[1]
+            logits = getattr(outputs, "logits", None)  # base-model outputs have none
+            seq = logits.shape[1] if logits is not None else attention_mask.shape[1]
             mask = attention_mask[:, -seq:].bool()
         n_real = int(mask.sum()) if mask is not None else int(outputs.router_logits[0].shape[0])
         if not self.counts:
