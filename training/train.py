@@ -24,12 +24,12 @@ MoE handling, on by default:
     logging step and writes a load heatmap to the output folder.
 
 Loss scaling: the router losses are means over one micro-batch. transformers' token-count normalisation
-(`num_items_in_batch`) would add them once per accumulation step and per process instead of averaging, so
-`MoeTrainer` turns it off; every packed micro-batch has the same number of label tokens, so the language-model
-loss is unchanged. The balancing loss is computed per micro-batch on each process (as transformers and Megatron
-do), not over the global batch: two processes with micro-batch b match one process with gradient accumulation
-2 over the same micro-batches, not one process with micro-batch 2b. Evaluation reports the LM loss alone
-(`eval_loss`, `perplexity = exp(eval_loss)`).
+(`num_items_in_batch`) would add them once per accumulation step and per process instead of averaging, so the model
+turns it off (`MoeForCausalLM.accepts_loss_kwargs = False`, which any Trainer honours); every packed micro-batch
+has the same number of label tokens, so the language-model loss is unchanged. The balancing loss is computed per
+micro-batch on each process (as transformers and Megatron do), not over the global batch: two processes with micro-
+batch b match one process with gradient accumulation 2 over the same micro-batches, not one process with micro-
+batch 2b. Evaluation reports the LM loss alone (`eval_loss`, `perplexity = exp(eval_loss)`).
 
 Outputs (`--output_dir`): Trainer checkpoints `checkpoint-N/` (safetensors), `router_load_heatmap.png`,
 `router_monitor.json`, `train_results.json`, and the Hub-ready final model in `--final_model_dir` (default
@@ -145,16 +145,11 @@ class MoeTrainingArguments(TrainingArguments):
 class MoeTrainer(Trainer):
     """`Trainer` whose loss keeps the router losses correctly scaled, and whose eval loss is the LM loss alone.
 
-    * training: the model's loss (CE + weighted router losses, per micro-batch) with transformers'
-      `num_items_in_batch` normalisation off, so gradient accumulation and data parallelism average the router
-      losses instead of summing them (see the module docstring);
+    * training: the model's loss (CE + weighted router losses, per micro-batch); the model declares
+      `accepts_loss_kwargs = False`, so gradient accumulation and data parallelism average the router losses
+      instead of summing them;
     * evaluation: `eval_loss` is the token-mean cross-entropy, so `exp(eval_loss)` is the perplexity.
     """
-
-    def __init__(self, model=None, *args, **kwargs) -> None:
-        if model is not None:
-            causal_lm(model).accepts_loss_kwargs = False
-        super().__init__(model, *args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training:
