@@ -418,6 +418,8 @@ def _assert_no_output(path: Path) -> None:
         ("layer_out_of_range", UpcyclingError, r"moe_layers entries must be layer indices in \[0, 1\]"),
         ("unknown_dense_field", UpcyclingError, "pretraining_tp"),
         ("split_indivisible", UpcyclingError, "num_experts must divide"),
+        ("override_clash", UpcyclingError, r"config overrides \['hidden_size'\]"),
+        ("noise_without_copy", UpcyclingError, "noise_std > 0 applies to expert_init='copy' only"),
     ],
 )
 def test_bad_input_raises_and_leaves_no_output(tmp_path, case, error, match):
@@ -440,6 +442,8 @@ def test_bad_input_raises_and_leaves_no_output(tmp_path, case, error, match):
                 k_gt_E=dict(num_experts_per_tok=5),
                 layer_out_of_range=dict(moe_layers=[0, 2]),
                 split_indivisible=dict(num_experts=3, num_experts_per_tok=1, expert_init="neuron_split"),
+                override_clash=dict(config_overrides={"hidden_size": 64}),
+                noise_without_copy=dict(expert_init="drop_upcycling", noise_std=0.1),
             )[case]
         )
     out = tmp_path / "out"
@@ -558,3 +562,18 @@ def test_cli(tmp_path, capsys):
     assert json.loads((tmp_path / "moe" / "config.json").read_text())["moe_layers"] == [1]
     with pytest.raises(FileExistsError):
         main(argv)
+
+
+def test_toy_experiment_smoke(tmp_path):
+    from training.upcycle_toy_experiment import main
+
+    args = ["--corpus_chars", "20000", "--vocab_size", "300", "--hidden_size", "32", "--intermediate_size", "64"]
+    args += ["--num_layers", "1", "--num_heads", "2", "--seq_len", "16", "--batch_size", "2", "--dense_steps", "2"]
+    args += ["--continue_steps", "2", "--eval_every", "2", "--eval_blocks", "2"]
+    args += ["--threads", str(torch.get_num_threads())]  # main() sets the global thread count
+    summary = main([*args, "--out_dir", str(tmp_path)])
+    assert (tmp_path / "upcycle_toy.png").stat().st_size > 0
+    assert json.loads((tmp_path / "upcycle_toy.json").read_text())["final_moe"] == summary["final_moe"]
+    # upcycling preserved the function: the MoE starts at the dense model's eval loss
+    assert summary["moe_loss_at_upcycling"] == pytest.approx(summary["dense_loss_at_upcycling"], abs=1e-5)
+    assert [s for s, _ in summary["curves"]["moe"]] == [0, 2]
