@@ -407,8 +407,8 @@ class StateDictSource:
         return {k: tuple(v.shape) for k, v in self.state.items()}
 
     def read(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
-        """The named tensors."""
-        return {n: self.state[n] for n in names}
+        """The named tensors, on the CPU (where the output shards are assembled)."""
+        return {n: self.state[n].cpu() for n in names}
 
 
 class SafetensorsSource:
@@ -1168,7 +1168,9 @@ def upcycle(
         config_overrides: extra `MoeConfig` fields (capacity factors, loss weights, ...).
         progress: show a tqdm bar over the output shards.
     Returns:
-        The upcycled `MoeForCausalLM` in eval mode, in the dense dtype.
+        The upcycled `MoeForCausalLM` in eval mode, in the dense dtype, on the CPU. Returning it means holding the
+        whole MoE in memory; for models larger than memory use `upcycle_to_folder` (or `python -m training.upcycle`),
+        which only streams.
     Raises:
         UpcyclingError (a ValueError) naming the bad option or checkpoint field; FileNotFoundError for a missing
         folder or shard; FileExistsError when `out_dir` exists and `overwrite` is False. Nothing is left behind.
