@@ -13,6 +13,7 @@ from .configuration_moe import MoeConfig, MoeConfigError
 from .losses import load_balancing_loss, router_z_loss
 from .modeling_moe import MoeForCausalLM, MoeForSequenceClassification, MoeModel, MoePreTrainedModel
 from .presets import load_preset, preset_names
+from .upcycling import DegenerateRouterWarning, UpcyclingError, upcycle, upcycle_to_folder
 
 AutoConfig.register(MoeConfig.model_type, MoeConfig, exist_ok=True)
 AutoModel.register(MoeConfig, MoeModel, exist_ok=True)
@@ -20,6 +21,7 @@ AutoModelForCausalLM.register(MoeConfig, MoeForCausalLM, exist_ok=True)
 AutoModelForSequenceClassification.register(MoeConfig, MoeForSequenceClassification, exist_ok=True)
 
 __all__ = [
+    "DegenerateRouterWarning",
     "MoeConfig",
     "MoeConfigError",
     "MoeForCausalLM",
@@ -27,9 +29,12 @@ __all__ = [
     "MoeModel",
     "MoePreTrainedModel",
     "ParameterCount",
+    "UpcyclingError",
     "count_parameters",
     "load_balancing_loss",
     "load_preset",
     "preset_names",
     "router_z_loss",
+    "upcycle",
+    "upcycle_to_folder",
 ]
