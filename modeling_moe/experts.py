@@ -6,6 +6,7 @@ N routed assignments (T*K minus dropped ones).
 The weight layout is transformers' Mixtral layout, so conversion is a rename:
     gate_up_proj (E, 2I, D): rows [0, I) are the gate projection, rows [I, 2I) the up projection.
     down_proj    (E, D, I).
+    gate_up_proj_bias (E, 2I), down_proj_bias (E, D): only with `config.mlp_bias` (transformers' names).
 A dropped assignment carries the sentinel index E: it is sorted past the last expert and never computed.
 """
 
@@ -18,12 +19,19 @@ from transformers.activations import ACT2FN, SiLUActivation
 from transformers.integrations import use_experts_implementation
 
 
-def _swiglu_group_forward(x_nD, w1_HD, w2_DI, gu_out_nH, y_out_nD) -> None:
-    """One expert on its n tokens, written into preallocated slices: gu = x W1^T (n, 2I), y = SwiGLU(gu) W2^T."""
+def _swiglu_group_forward(x_nD, w1_HD, w2_DI, b1_H, b2_D, gu_out_nH, y_out_nD) -> None:
+    """One expert on its n tokens, written into preallocated slices: gu = x W1^T + b1 (n, 2I),
+    y = SwiGLU(gu) W2^T + b2 (n, D). Biases may be None."""
     I = w2_DI.shape[-1]
-    torch.mm(x_nD, w1_HD.t(), out=gu_out_nH)
+    if b1_H is None:
+        torch.mm(x_nD, w1_HD.t(), out=gu_out_nH)
+    else:
+        torch.addmm(b1_H, x_nD, w1_HD.t(), out=gu_out_nH)
     h_nI = F.silu(gu_out_nH[:, :I]) * gu_out_nH[:, I:]  # SwiGLU (Shazeer 2020, Eq. 6)
-    torch.mm(h_nI, w2_DI.t(), out=y_out_nD)
+    if b2_D is None:
+        torch.mm(h_nI, w2_DI.t(), out=y_out_nD)
+    else:
+        torch.addmm(b2_D, h_nI, w2_DI.t(), out=y_out_nD)
 
 
 class GroupedSwiGLU(torch.autograd.Function):
@@ -33,12 +41,13 @@ class GroupedSwiGLU(torch.autograd.Function):
     it touches (E times the weight size in memory traffic); this backward writes each expert's gradient slice
     once. Forward saves the (N, 2I) gate/up activations, as autograd would; SiLU and the product are recomputed.
 
-    Inputs: x_ND (N, D) sorted by expert; gate_up_EHD (E, 2I, D); down_EDI (E, D, I); counts: tokens per expert
-    (python ints, sum N). Output: y_ND (N, D), the unweighted expert outputs in the same order.
+    Inputs: x_ND (N, D) sorted by expert; gate_up_EHD (E, 2I, D); down_EDI (E, D, I); optional biases
+    gate_up_bias_EH (E, 2I) and down_bias_ED (E, D) (or None); counts: tokens per expert (python ints, sum N).
+    Output: y_ND (N, D), the unweighted expert outputs in the same order.
     """
 
     @staticmethod
-    def forward(ctx, x_ND, gate_up_EHD, down_EDI, counts):
+    def forward(ctx, x_ND, gate_up_EHD, down_EDI, gate_up_bias_EH, down_bias_ED, counts):
         N, D = x_ND.shape
         two_I = gate_up_EHD.shape[1]
         gu_NH = x_ND.new_empty(N, two_I)
@@ -47,20 +56,27 @@ class GroupedSwiGLU(torch.autograd.Function):
         for e, n in enumerate(counts):
             if n:
                 end = start + n
-                _swiglu_group_forward(x_ND[start:end], gate_up_EHD[e], down_EDI[e], gu_NH[start:end], y_ND[start:end])
+                b1 = gate_up_bias_EH[e] if gate_up_bias_EH is not None else None
+                b2 = down_bias_ED[e] if down_bias_ED is not None else None
+                _swiglu_group_forward(
+                    x_ND[start:end], gate_up_EHD[e], down_EDI[e], b1, b2, gu_NH[start:end], y_ND[start:end]
+                )
                 start = end
         ctx.save_for_backward(x_ND, gu_NH, gate_up_EHD, down_EDI)
         ctx.counts = counts
+        ctx.has_bias = (gate_up_bias_EH is not None, down_bias_ED is not None)
         return y_ND
 
     @staticmethod
     def backward(ctx, dy_ND):
         x_ND, gu_NH, gate_up_EHD, down_EDI = ctx.saved_tensors
         I = down_EDI.shape[-1]
-        need_x, need_w1, need_w2 = ctx.needs_input_grad[:3]
+        need_x, need_w1, need_w2, need_b1, need_b2 = ctx.needs_input_grad[:5]
         dx_ND = torch.empty_like(x_ND) if need_x else None
         dw1 = torch.empty_like(gate_up_EHD) if need_w1 else None
         dw2 = torch.empty_like(down_EDI) if need_w2 else None
+        db1 = gate_up_EHD.new_zeros(gate_up_EHD.shape[:2]) if need_b1 else None  # (E, 2I)
+        db2 = down_EDI.new_zeros(down_EDI.shape[:2]) if need_b2 else None  # (E, D)
         dy_ND = dy_ND.contiguous()
         start = 0
         for e, n in enumerate(ctx.counts):
@@ -77,26 +93,34 @@ class GroupedSwiGLU(torch.autograd.Function):
             dy = dy_ND[start:end]
             if need_w2:
                 torch.mm(dy.t(), act * up, out=dw2[e])  # dL/dW2 = dy^T h
+            if need_b2:
+                torch.sum(dy, dim=0, out=db2[e])
             dh = torch.mm(dy, down_EDI[e])  # (n, I)
             dgu = torch.empty_like(gu_NH[start:end])
             torch.mul(dh * up, sig * (1 + gate * (1 - sig)), out=dgu[:, :I])  # silu'(g) = s (1 + g (1 - s))
             torch.mul(dh, act, out=dgu[:, I:])
             if need_w1:
                 torch.mm(dgu.t(), x_ND[start:end], out=dw1[e])  # dL/dW1 = dgu^T x
+            if need_b1:
+                torch.sum(dgu, dim=0, out=db1[e])
             if need_x:
                 torch.mm(dgu, gate_up_EHD[e], out=dx_ND[start:end])  # dL/dx = dgu W1
             start = end
-        return dx_ND, dw1, dw2, None
+        return dx_ND, dw1, dw2, db1, db2, None
 
 
-def _grouped_autograd(x_ND, gate_up_EHD, down_EDI, counts, act_fn) -> torch.Tensor:
+def _bias(bias, e):
+    return bias[e] if bias is not None else None
+
+
+def _grouped_autograd(x_ND, gate_up_EHD, down_EDI, gate_up_bias_EH, down_bias_ED, counts, act_fn) -> torch.Tensor:
     """The same computation through autograd, for activations other than SiLU."""
     I = down_EDI.shape[-1]
     outs, start = [], 0
     for e, n in enumerate(counts):
         if n:
-            gate_up = F.linear(x_ND[start : start + n], gate_up_EHD[e])  # (n, 2I)
-            outs.append(F.linear(act_fn(gate_up[:, :I]) * gate_up[:, I:], down_EDI[e]))
+            gate_up = F.linear(x_ND[start : start + n], gate_up_EHD[e], _bias(gate_up_bias_EH, e))  # (n, 2I)
+            outs.append(F.linear(act_fn(gate_up[:, :I]) * gate_up[:, I:], down_EDI[e], _bias(down_bias_ED, e)))
             start += n
     return torch.cat(outs) if outs else x_ND.new_zeros(0, x_ND.shape[-1])
 
@@ -116,6 +140,8 @@ def few_token_experts_forward(
     indices_TK: torch.Tensor,
     weights_TK: torch.Tensor,
     act_fn,
+    gate_up_bias_EH: torch.Tensor | None = None,
+    down_bias_ED: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Inference path for a handful of tokens (batch-1 / small-batch decoding): each assignment runs its expert
     directly on its token's row, with no sort, gather or scatter. Same arguments and result as
@@ -129,9 +155,9 @@ def few_token_experts_forward(
         for k, e in enumerate(experts):
             if e == E:
                 continue
-            gate_up = F.linear(x_1D, gate_up_proj_EHD[e])  # (1, 2I)
+            gate_up = F.linear(x_1D, gate_up_proj_EHD[e], _bias(gate_up_bias_EH, e))  # (1, 2I)
             h = act_fn(gate_up[:, :I]) * gate_up[:, I:]  # SwiGLU
-            y_TD[t : t + 1] += weights[t, k] * F.linear(h, down_proj_EDI[e])
+            y_TD[t : t + 1] += weights[t, k] * F.linear(h, down_proj_EDI[e], _bias(down_bias_ED, e))
     return y_TD
 
 
@@ -142,6 +168,8 @@ def grouped_experts_forward(
     indices_TK: torch.Tensor,
     weights_TK: torch.Tensor,
     act_fn,
+    gate_up_bias_EH: torch.Tensor | None = None,
+    down_bias_ED: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Run each token through its experts and sum the weighted outputs.
 
@@ -156,14 +184,17 @@ def grouped_experts_forward(
         indices_TK: expert per assignment, shape (T, K); the value E marks a dropped assignment.
         weights_TK: routing weight per assignment, shape (T, K) (float32 from the router).
         act_fn: the gate activation (SiLU for SwiGLU).
+        gate_up_bias_EH, down_bias_ED: optional expert biases, shapes (E, 2I) and (E, D) (Llama `mlp_bias`).
     Returns:
         y_TD: sum over k of weights_TK[t, k] * expert_{indices_TK[t, k]}(x_TD[t]), shape (T, D), dtype of x_TD.
         A token whose assignments are all dropped gets zeros, so it passes through the residual unchanged.
     """
     K = indices_TK.shape[1]
     E = gate_up_proj_EHD.shape[0]
-    if indices_TK.numel() <= SMALL_BATCH_ASSIGNMENTS and not _needs_grad(x_TD, gate_up_proj_EHD, down_proj_EDI):
-        return few_token_experts_forward(x_TD, gate_up_proj_EHD, down_proj_EDI, indices_TK, weights_TK, act_fn)
+    biases = (gate_up_bias_EH, down_bias_ED)
+    params = [t for t in (x_TD, gate_up_proj_EHD, down_proj_EDI, *biases) if t is not None]
+    if indices_TK.numel() <= SMALL_BATCH_ASSIGNMENTS and not _needs_grad(*params):
+        return few_token_experts_forward(x_TD, gate_up_proj_EHD, down_proj_EDI, indices_TK, weights_TK, act_fn, *biases)
 
     flat_expert_N = indices_TK.reshape(-1)  # (T*K,)
     order_N = torch.argsort(flat_expert_N, stable=True)  # assignments grouped by expert, token order inside
@@ -174,9 +205,9 @@ def grouped_experts_forward(
     weight_N1 = weights_TK.reshape(-1).index_select(0, order_N).unsqueeze(-1).to(x_TD.dtype)
 
     if isinstance(act_fn, (nn.SiLU, SiLUActivation)) or act_fn is F.silu:
-        y_ND = GroupedSwiGLU.apply(x_ND, gate_up_proj_EHD, down_proj_EDI, counts)
+        y_ND = GroupedSwiGLU.apply(x_ND, gate_up_proj_EHD, down_proj_EDI, *biases, counts)
     else:
-        y_ND = _grouped_autograd(x_ND, gate_up_proj_EHD, down_proj_EDI, counts, act_fn)
+        y_ND = _grouped_autograd(x_ND, gate_up_proj_EHD, down_proj_EDI, *biases, counts, act_fn)
     # Combine: put each weighted output back in its (token, choice) slot, then sum the k choices. No
     # scatter-add: deterministic, one rounding per token in low precision, and no atomics / thread contention.
     T, D = x_TD.shape
@@ -201,11 +232,26 @@ class MoeExperts(nn.Module):
         self.intermediate_dim = config.moe_intermediate_size
         self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, 2 * self.intermediate_dim, self.hidden_dim))
         self.down_proj = nn.Parameter(torch.empty(self.num_experts, self.hidden_dim, self.intermediate_dim))
+        if config.mlp_bias:  # Llama's mlp_bias applies to every FFN, experts included (so upcycling is exact)
+            self.gate_up_proj_bias = nn.Parameter(torch.zeros(self.num_experts, 2 * self.intermediate_dim))
+            self.down_proj_bias = nn.Parameter(torch.zeros(self.num_experts, self.hidden_dim))
+        else:
+            self.gate_up_proj_bias = None
+            self.down_proj_bias = None
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, x_TD: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
         """(T, D) tokens, (T, K) expert indices (E = dropped), (T, K) weights -> (T, D) combined expert output."""
-        return grouped_experts_forward(x_TD, self.gate_up_proj, self.down_proj, indices_TK, weights_TK, self.act_fn)
+        return grouped_experts_forward(
+            x_TD,
+            self.gate_up_proj,
+            self.down_proj,
+            indices_TK,
+            weights_TK,
+            self.act_fn,
+            self.gate_up_proj_bias,
+            self.down_proj_bias,
+        )
 
 
 __all__ = ["MoeExperts", "grouped_experts_forward"]

@@ -289,6 +289,10 @@ class MoePreTrainedModel(PreTrainedModel):
         """
         if requested_experts is None:
             return "eager"
+        if requested_experts not in (None, "eager") and self.config.mlp_bias:
+            raise ValueError(
+                f"experts_implementation={requested_experts!r} ignores the expert biases of mlp_bias=True; use 'eager'"
+            )
         can_drop = (
             self.config.capacity_factor_train is not None
             or self.config.capacity_factor_eval is not None
@@ -315,6 +319,9 @@ class MoePreTrainedModel(PreTrainedModel):
         if isinstance(module, MoeExperts):
             init.normal_(module.gate_up_proj, mean=0.0, std=std)
             init.normal_(module.down_proj, mean=0.0, std=std)
+            if module.gate_up_proj_bias is not None:
+                init.zeros_(module.gate_up_proj_bias)
+                init.zeros_(module.down_proj_bias)
         elif isinstance(module, MoeRouter):
             init.normal_(module.weight, mean=0.0, std=std)
             if getattr(module, "noise_weight", None) is not None:

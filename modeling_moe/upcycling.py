@@ -172,6 +172,8 @@ MOE_LAYER_KEYS = {
     "router.e_score_correction_bias": "zeros (aux-loss-free bias starts neutral), (E,)",
     "experts.gate_up_proj": "expert init of gate_proj rows [0, I') and up_proj rows [I', 2I'), (E, 2I', D)",
     "experts.down_proj": "expert init of down_proj, scaled by (1 - w) with a shared expert, (E, D, I')",
+    "experts.gate_up_proj_bias": "mlp_bias only: gate and up biases (of each expert's neurons after a split), (E, 2I')",
+    "experts.down_proj_bias": "mlp_bias only: the down bias, scaled by (1 - w) with a shared expert, (E, D)",
     "shared_expert.gate_proj.weight": "dense gate_proj (and .bias), (I, D)",
     "shared_expert.up_proj.weight": "dense up_proj (and .bias), (I, D)",
     "shared_expert.down_proj.weight": "dense down_proj times w (and .bias times w), (D, I)",
@@ -281,12 +283,6 @@ class UpcycleOptions:
             raise UpcyclingError(
                 f"expert_init='neuron_split' splits intermediate_size ({intermediate_size}) into num_experts ({E}) "
                 "equal parts: num_experts must divide it"
-            )
-        if mlp_bias and not (self.shared_expert and self.shared_expert_weight == 1.0):
-            raise UpcyclingError(
-                "mlp_bias=True: the dense FFN has biases, and routed experts (MoeExperts) have no bias parameters, so "
-                "they cannot reproduce it. Use shared_expert=True with shared_expert_weight=1.0 (the biased dense FFN "
-                "stays as the always-on shared expert; routed experts start with a zero down projection)"
             )
         return replace(self, moe_layers=resolve_moe_layers(self.moe_layers, num_layers))
 
@@ -494,10 +490,25 @@ class DenseFFN:
 
 @dataclass
 class ExpertWeights:
-    """E routed experts in MoeExperts' layout: gate_up (E, 2I', D) [rows 0..I' gate, I'..2I' up], down (E, D, I')."""
+    """E routed experts in MoeExperts' layout: gate_up (E, 2I', D) [rows 0..I' gate, I'..2I' up], down (E, D, I'),
+    and with a biased dense FFN (Llama `mlp_bias`) gate_up_bias (E, 2I') and down_bias (E, D)."""
 
     gate_up: torch.Tensor
     down: torch.Tensor
+    gate_up_bias: torch.Tensor | None = None
+    down_bias: torch.Tensor | None = None
+
+
+def _expert_biases(ffn: DenseFFN, parts: Sequence[torch.Tensor] | None, num_experts: int):
+    """Expert biases from the dense FFN's: every expert copies them, or with a neuron split (`parts`) expert e takes
+    the gate/up biases of its neurons P_e; the down bias is copied whole (the 1/E-weighted experts sum to it)."""
+    if ffn.gate_bias is None:
+        return None, None
+    if parts is None:
+        gate_up_bias = torch.cat([ffn.gate_bias, ffn.up_bias]).expand(num_experts, -1).contiguous()  # (E, 2I)
+    else:
+        gate_up_bias = torch.stack([torch.cat([ffn.gate_bias[p], ffn.up_bias[p]]) for p in parts])  # (E, 2I/E)
+    return gate_up_bias, ffn.down_bias.expand(num_experts, -1).contiguous()  # (E, D)
 
 
 def copy_experts(ffn: DenseFFN, num_experts: int) -> ExpertWeights:
@@ -506,7 +517,8 @@ def copy_experts(ffn: DenseFFN, num_experts: int) -> ExpertWeights:
     gate_up = torch.empty(num_experts, 2 * I, D, dtype=ffn.gate.dtype)  # (E, 2I, D), filled in place: no temporary
     gate_up[:, :I] = ffn.gate
     gate_up[:, I:] = ffn.up
-    return ExpertWeights(gate_up, ffn.down.unsqueeze(0).expand(num_experts, -1, -1).contiguous())  # down (E, D, I)
+    down = ffn.down.unsqueeze(0).expand(num_experts, -1, -1).contiguous()  # (E, D, I)
+    return ExpertWeights(gate_up, down, *_expert_biases(ffn, None, num_experts))
 
 
 def add_noise(experts: ExpertWeights, ffn: DenseFFN, noise_std: float, generator: torch.Generator) -> ExpertWeights:
@@ -517,7 +529,9 @@ def add_noise(experts: ExpertWeights, ffn: DenseFFN, noise_std: float, generator
     ]  # (1, 2I, 1)
     gate_up = experts.gate_up.float() + noise_std * scale_gu * _randn(experts.gate_up.shape, generator)
     down = experts.down.float() + noise_std * ffn.down.float().std() * _randn(experts.down.shape, generator)
-    return ExpertWeights(gate_up.to(experts.gate_up.dtype), down.to(experts.down.dtype))
+    return ExpertWeights(
+        gate_up.to(experts.gate_up.dtype), down.to(experts.down.dtype), experts.gate_up_bias, experts.down_bias
+    )
 
 
 def _randn(shape, generator: torch.Generator) -> torch.Tensor:
@@ -543,7 +557,7 @@ def drop_upcycle_experts(ffn: DenseFFN, num_experts: int, ratio: float, generato
         gate_up[e, idx] = (mg + sg * _randn((n_drop, D), generator)).to(gate_up.dtype)  # gate rows
         gate_up[e, I + idx] = (mu + su * _randn((n_drop, D), generator)).to(gate_up.dtype)  # up rows
         down[e][:, idx] = (md + sd * _randn((D, n_drop), generator)).to(down.dtype)  # down columns
-    return ExpertWeights(gate_up, down)
+    return ExpertWeights(gate_up, down, experts.gate_up_bias, experts.down_bias)  # biases copied, not re-drawn
 
 
 def neuron_partition(ffn: DenseFFN, num_experts: int, mode: str, generator: torch.Generator) -> list[torch.Tensor]:
@@ -578,7 +592,7 @@ def neuron_split_experts(
     parts = neuron_partition(ffn, num_experts, mode, generator)
     gate_up = torch.stack([torch.cat([ffn.gate[p], ffn.up[p]], dim=0) for p in parts])  # (E, 2I/E, D)
     down = torch.stack([(ffn.down[:, p].float() * down_scale).to(ffn.down.dtype) for p in parts])  # (E, D, I/E)
-    return ExpertWeights(gate_up, down)
+    return ExpertWeights(gate_up, down, *_expert_biases(ffn, parts, num_experts))
 
 
 def balanced_kmeans(x_ND: torch.Tensor, k: int, generator: torch.Generator, iters: int = 25) -> torch.Tensor:
@@ -668,6 +682,8 @@ def init_experts(ffn: DenseFFN, options: UpcycleOptions, generator: torch.Genera
     if options.shared_expert and options.shared_expert_weight != 0.0:
         routed = 1.0 - options.shared_expert_weight
         experts.down = (experts.down.float() * routed).to(experts.down.dtype)
+        if experts.down_bias is not None:
+            experts.down_bias = (experts.down_bias.float() * routed).to(experts.down_bias.dtype)
     return experts
 
 
@@ -939,6 +955,9 @@ def moe_layer_tensors(plan: UpcyclePlan, layer_idx: int, ffn: DenseFFN) -> dict[
         prefix + "experts.gate_up_proj": experts.gate_up.contiguous(),
         prefix + "experts.down_proj": experts.down.contiguous(),
     }
+    if experts.gate_up_bias is not None:
+        out[prefix + "experts.gate_up_proj_bias"] = experts.gate_up_bias.contiguous()
+        out[prefix + "experts.down_proj_bias"] = experts.down_bias.contiguous()
     if options.shared_expert:
         out.update(
             {

@@ -65,16 +65,48 @@ def test_bfloat16_output_dtype():
     assert got.shape == expected.shape
 
 
-def test_fused_swiglu_backward_passes_gradcheck():
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_swiglu_backward_passes_gradcheck(bias):
     from modeling_moe.experts import GroupedSwiGLU
 
     x = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
     w1 = torch.randn(3, 8, 5, dtype=torch.float64, requires_grad=True)
     w2 = torch.randn(3, 5, 4, dtype=torch.float64, requires_grad=True)
+    b1 = torch.randn(3, 8, dtype=torch.float64, requires_grad=True) if bias else None
+    b2 = torch.randn(3, 5, dtype=torch.float64, requires_grad=True) if bias else None
     counts = [3, 0, 4]  # an expert with no tokens must get an exact zero gradient
-    assert torch.autograd.gradcheck(lambda a, b, c: GroupedSwiGLU.apply(a, b, c, counts), (x, w1, w2))
-    GroupedSwiGLU.apply(x, w1, w2, counts).sum().backward()
+    inputs = tuple(t for t in (x, w1, w2, b1, b2) if t is not None)
+
+    def fn(*args):
+        a, b, c = args[:3]
+        d, e = args[3:] if bias else (None, None)
+        return GroupedSwiGLU.apply(a, b, c, d, e, counts)
+
+    assert torch.autograd.gradcheck(fn, inputs)
+    fn(*inputs).sum().backward()
     assert torch.equal(w1.grad[1], torch.zeros_like(w1.grad[1])) and torch.equal(w2.grad[1], torch.zeros(5, 4).double())
+    if bias:
+        assert torch.equal(b1.grad[1], torch.zeros(8).double()) and torch.equal(b2.grad[1], torch.zeros(5).double())
+
+
+def test_expert_biases_match_the_reference_loop_on_both_paths():
+    x = torch.randn(10, 8, dtype=torch.float64, requires_grad=True)
+    gate_up, down = torch.randn(3, 12, 8, dtype=torch.float64), torch.randn(3, 8, 6, dtype=torch.float64)
+    b1, b2 = torch.randn(3, 12, dtype=torch.float64), torch.randn(3, 8, dtype=torch.float64)
+    indices = torch.randint(0, 4, (10, 2))  # 3 = dropped
+    weights = torch.rand(10, 2, dtype=torch.float64)
+    expected = torch.zeros_like(x)
+    for t in range(10):
+        for k in range(2):
+            e = int(indices[t, k])
+            if e < 3:
+                h = x[t] @ gate_up[e].T + b1[e]
+                expected[t] += weights[t, k] * ((F.silu(h[:6]) * h[6:]) @ down[e].T + b2[e])
+    got = grouped_experts_forward(x, gate_up, down, indices, weights, F.silu, b1, b2)  # grouped (grad)
+    torch.testing.assert_close(got, expected)
+    with torch.no_grad():  # few-token path
+        few = grouped_experts_forward(x[:3], gate_up, down, indices[:3], weights[:3], F.silu, b1, b2)
+    torch.testing.assert_close(few, expected[:3])
 
 
 def test_other_activations_take_the_autograd_path():

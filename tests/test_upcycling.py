@@ -46,7 +46,7 @@ COMMON = dict(
     rope_parameters={"rope_type": "default", "rope_theta": 5e5},
 )
 FAMILIES = {
-    # Llama with biases on q, k, v, o (attention_bias); mlp_bias is tested separately (needs a shared expert).
+    # Llama with biases on q, k, v, o (attention_bias); mlp_bias is tested separately.
     "llama": lambda **kw: LlamaForCausalLM(LlamaConfig(**{**COMMON, "attention_bias": True, **kw})),
     # Mistral: sliding window on every layer, GQA, head_dim != hidden / heads.
     "mistral": lambda **kw: MistralForCausalLM(MistralConfig(**{**COMMON, "head_dim": 16, "sliding_window": 4, **kw})),
@@ -148,13 +148,31 @@ def test_dense_layers_stay_bitwise_identical():
     assert torch.equal(moe.model.layers[1].mlp.experts.gate_up_proj[3, :64], dense.model.layers[1].mlp.gate_proj.weight)
 
 
-def test_llama_mlp_bias_needs_the_biased_dense_ffn_as_shared_expert():
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(),  # copied experts carry the dense biases
+        dict(moe_layers=[1], noise_std=0.0),
+        dict(shared_expert=True, shared_expert_weight=0.5),
+        dict(shared_expert=True, shared_expert_weight=1.0),
+    ],
+)
+def test_llama_mlp_bias_is_preserved(options):
     dense = _dense("llama", mlp_bias=True)
-    with pytest.raises(UpcyclingError, match="mlp_bias"):
-        upcycle(dense, num_experts=4)
-    moe = upcycle(dense, num_experts=4, shared_expert=True, shared_expert_weight=1.0, router_std=3.0)
-    assert moe.config.mlp_bias and moe.config.attention_bias and moe.config.num_shared_experts == 1
-    assert torch.count_nonzero(moe.model.layers[0].mlp.experts.down_proj) == 0  # routed experts start silent
+    moe = upcycle(dense, num_experts=4, router_std=3.0, **options)
+    assert moe.config.mlp_bias and moe.config.attention_bias
+    layer = options.get("moe_layers", [0])[0]
+    experts = moe.model.layers[layer].mlp.experts
+    dense_mlp = dense.model.layers[layer].mlp
+    assert torch.equal(experts.gate_up_proj_bias[2, :64], dense_mlp.gate_proj.bias)
+    if not options.get("shared_expert"):
+        assert torch.equal(experts.down_proj_bias[2], dense_mlp.down_proj.bias)
+    _assert_same_logits(dense, moe)
+
+
+def test_llama_mlp_bias_neuron_split_is_exact_with_all_experts():
+    dense = _dense("llama", mlp_bias=True)
+    moe = upcycle(dense, num_experts=4, num_experts_per_tok=4, expert_init="neuron_split", router_init="zeros")
     _assert_same_logits(dense, moe)
 
 
