@@ -19,57 +19,57 @@ from transformers.activations import ACT2FN, SiLUActivation
 from transformers.integrations import use_experts_implementation
 
 
-def _swiglu_group_forward(x_nD, w1_HD, w2_DI, b1_H, b2_D, gu_out_nH, y_out_nD) -> None:
-    """One expert on its n tokens, written into preallocated slices: gu = x W1^T + b1 (n, 2I),
-    y = SwiGLU(gu) W2^T + b2 (n, D). Biases may be None."""
+def _swiglu_group_forward(x_nD, w1_HD, w2_DI, b1_H, b2_D, y_out_nD) -> torch.Tensor:
+    """One expert on its n tokens: gu = x W1^T + b1 (n, 2I), y = SwiGLU(gu) W2^T + b2 written into `y_out_nD`.
+    Biases may be None. Returns gu (kept for the backward)."""
     I = w2_DI.shape[-1]
-    if b1_H is None:
-        torch.mm(x_nD, w1_HD.t(), out=gu_out_nH)
-    else:
-        torch.addmm(b1_H, x_nD, w1_HD.t(), out=gu_out_nH)
-    h_nI = F.silu(gu_out_nH[:, :I]) * gu_out_nH[:, I:]  # SwiGLU (Shazeer 2020, Eq. 6)
+    gu_nH = torch.mm(x_nD, w1_HD.t()) if b1_H is None else torch.addmm(b1_H, x_nD, w1_HD.t())
+    h_nI = F.silu(gu_nH[:, :I]) * gu_nH[:, I:]  # SwiGLU (Shazeer 2020, Eq. 6)
     if b2_D is None:
         torch.mm(h_nI, w2_DI.t(), out=y_out_nD)
     else:
         torch.addmm(b2_D, h_nI, w2_DI.t(), out=y_out_nD)
+    return gu_nH
 
 
 class GroupedSwiGLU(torch.autograd.Function):
     """SwiGLU experts on expert-sorted tokens, with a hand-written backward.
 
-    Autograd through per-expert slices `W[e]` would allocate a full (E, 2I, D) zero gradient for every expert
-    it touches (E times the weight size in memory traffic); this backward writes each expert's gradient slice
-    once. Forward saves the (N, 2I) gate/up activations, as autograd would; SiLU and the product are recomputed.
+        Autograd through per-expert slices `W[e]` would allocate a full (E, 2I, D) zero gradient for every expert
+        it touches (E times the weight size in memory traffic); this backward writes each expert's gradient slice
+        once. Forward saves each expert's (n_e, 2I) gate/up activations, as autograd would; SiLU and the product are
+    recomputed. They are separate per-expert tensors, not one (N, 2I) buffer: on the CPU a buffer above glibc's mmap
+    threshold (32 MiB at most) is returned to the OS on every free and page-faults on every call.
 
-    Inputs: x_ND (N, D) sorted by expert; gate_up_EHD (E, 2I, D); down_EDI (E, D, I); optional biases
-    gate_up_bias_EH (E, 2I) and down_bias_ED (E, D) (or None); counts: tokens per expert (python ints, sum N).
-    Output: y_ND (N, D), the unweighted expert outputs in the same order.
+        Inputs: x_ND (N, D) sorted by expert; gate_up_EHD (E, 2I, D); down_EDI (E, D, I); optional biases
+        gate_up_bias_EH (E, 2I) and down_bias_ED (E, D) (or None); counts: tokens per expert (python ints, sum N).
+        Output: y_ND (N, D), the unweighted expert outputs in the same order.
     """
 
     @staticmethod
     def forward(ctx, x_ND, gate_up_EHD, down_EDI, gate_up_bias_EH, down_bias_ED, counts):
         N, D = x_ND.shape
-        two_I = gate_up_EHD.shape[1]
-        gu_NH = x_ND.new_empty(N, two_I)
         y_ND = x_ND.new_empty(N, D)
+        gu_per_expert = []
         start = 0
         for e, n in enumerate(counts):
             if n:
                 end = start + n
                 b1 = gate_up_bias_EH[e] if gate_up_bias_EH is not None else None
                 b2 = down_bias_ED[e] if down_bias_ED is not None else None
-                _swiglu_group_forward(
-                    x_ND[start:end], gate_up_EHD[e], down_EDI[e], b1, b2, gu_NH[start:end], y_ND[start:end]
+                gu_per_expert.append(
+                    _swiglu_group_forward(x_ND[start:end], gate_up_EHD[e], down_EDI[e], b1, b2, y_ND[start:end])
                 )
                 start = end
-        ctx.save_for_backward(x_ND, gu_NH, gate_up_EHD, down_EDI)
+        ctx.save_for_backward(x_ND, gate_up_EHD, down_EDI, *gu_per_expert)
         ctx.counts = counts
         ctx.has_bias = (gate_up_bias_EH is not None, down_bias_ED is not None)
         return y_ND
 
     @staticmethod
     def backward(ctx, dy_ND):
-        x_ND, gu_NH, gate_up_EHD, down_EDI = ctx.saved_tensors
+        x_ND, gate_up_EHD, down_EDI, *gu_per_expert = ctx.saved_tensors
+        gu_iter = iter(gu_per_expert)
         I = down_EDI.shape[-1]
         need_x, need_w1, need_w2, need_b1, need_b2 = ctx.needs_input_grad[:5]
         dx_ND = torch.empty_like(x_ND) if need_x else None
@@ -87,7 +87,8 @@ class GroupedSwiGLU(torch.autograd.Function):
                     dw2[e].zero_()
                 continue
             end = start + n
-            gate, up = gu_NH[start:end, :I], gu_NH[start:end, I:]
+            gu = next(gu_iter)  # (n, 2I)
+            gate, up = gu[:, :I], gu[:, I:]
             sig = torch.sigmoid(gate)
             act = gate * sig  # silu(gate)
             dy = dy_ND[start:end]
@@ -96,7 +97,7 @@ class GroupedSwiGLU(torch.autograd.Function):
             if need_b2:
                 torch.sum(dy, dim=0, out=db2[e])
             dh = torch.mm(dy, down_EDI[e])  # (n, I)
-            dgu = torch.empty_like(gu_NH[start:end])
+            dgu = torch.empty_like(gu)
             torch.mul(dh * up, sig * (1 + gate * (1 - sig)), out=dgu[:, :I])  # silu'(g) = s (1 + g (1 - s))
             torch.mul(dh, act, out=dgu[:, I:])
             if need_w1:
