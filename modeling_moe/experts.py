@@ -19,65 +19,62 @@ from transformers.activations import ACT2FN, SiLUActivation
 from transformers.integrations import use_experts_implementation
 
 
-def _swiglu_group_forward(x_nD, w1_HD, w2_DI, b1_H, b2_D, y_out_nD) -> torch.Tensor:
-    """One expert on its n tokens: gu = x W1^T + b1 (n, 2I), y = SwiGLU(gu) W2^T + b2 written into `y_out_nD`.
-    Biases may be None. Returns gu (kept for the backward)."""
-    I = w2_DI.shape[-1]
-    gu_nH = torch.mm(x_nD, w1_HD.t()) if b1_H is None else torch.addmm(b1_H, x_nD, w1_HD.t())
-    h_nI = F.silu(gu_nH[:, :I]) * gu_nH[:, I:]  # SwiGLU (Shazeer 2020, Eq. 6)
-    if b2_D is None:
-        torch.mm(h_nI, w2_DI.t(), out=y_out_nD)
-    else:
-        torch.addmm(b2_D, h_nI, w2_DI.t(), out=y_out_nD)
-    return gu_nH
+class GroupedExperts(torch.autograd.Function):
+    """SwiGLU experts on the assignments of expert-sorted order, gather and scatter included, with a hand-written
+    backward.
 
+    For each expert e, its n_e assignments gather their token rows, run gate/up -> SwiGLU -> down as two GEMMs,
+    and land in their (token, choice) slot of the (T*K, D) output. There is no (N, D) or (N, 2I) buffer: on the
+    CPU a buffer above glibc's mmap threshold (32 MiB at most) goes back to the OS on every free and page-faults
+    on every call. The backward writes each expert's weight gradient once (autograd through `W[e]` would
+    allocate a full (E, 2I, D) zero gradient per expert it touches) and returns the input gradient through the
+    same slots, summed over the k choices: no `index_add_` anywhere.
 
-class GroupedSwiGLU(torch.autograd.Function):
-    """SwiGLU experts on expert-sorted tokens, with a hand-written backward.
-
-        Autograd through per-expert slices `W[e]` would allocate a full (E, 2I, D) zero gradient for every expert
-        it touches (E times the weight size in memory traffic); this backward writes each expert's gradient slice
-        once. Forward saves each expert's (n_e, 2I) gate/up activations, as autograd would; SiLU and the product are
-    recomputed. They are separate per-expert tensors, not one (N, 2I) buffer: on the CPU a buffer above glibc's mmap
-    threshold (32 MiB at most) is returned to the OS on every free and page-faults on every call.
-
-        Inputs: x_ND (N, D) sorted by expert; gate_up_EHD (E, 2I, D); down_EDI (E, D, I); optional biases
-        gate_up_bias_EH (E, 2I) and down_bias_ED (E, D) (or None); counts: tokens per expert (python ints, sum N).
-        Output: y_ND (N, D), the unweighted expert outputs in the same order.
+    Inputs: x_TD (T, D); gate_up_EHD (E, 2I, D); down_EDI (E, D, I); optional biases gate_up_bias_EH (E, 2I) and
+    down_bias_ED (E, D) (or None); order_N: the routed (token, choice) slots t*K + k, sorted by expert; counts:
+    assignments per expert (python ints, sum N); K. Output: slots (T*K, D), the unweighted expert outputs,
+    zero in dropped slots. Saved for the backward: each expert's (n_e, 2I) gate/up activations, as autograd
+    would; SiLU and the product are recomputed.
     """
 
     @staticmethod
-    def forward(ctx, x_ND, gate_up_EHD, down_EDI, gate_up_bias_EH, down_bias_ED, counts):
-        N, D = x_ND.shape
-        y_ND = x_ND.new_empty(N, D)
+    def forward(ctx, x_TD, gate_up_EHD, down_EDI, gate_up_bias_EH, down_bias_ED, order_N, counts, K):
+        T, D = x_TD.shape
+        I = down_EDI.shape[-1]
+        N = order_N.shape[0]
+        slots = x_TD.new_zeros(T * K, D) if N < T * K else x_TD.new_empty(T * K, D)
+        token_N = order_N // K
         gu_per_expert = []
         start = 0
         for e, n in enumerate(counts):
-            if n:
-                end = start + n
-                b1 = gate_up_bias_EH[e] if gate_up_bias_EH is not None else None
-                b2 = down_bias_ED[e] if down_bias_ED is not None else None
-                gu_per_expert.append(
-                    _swiglu_group_forward(x_ND[start:end], gate_up_EHD[e], down_EDI[e], b1, b2, y_ND[start:end])
-                )
-                start = end
-        ctx.save_for_backward(x_ND, gate_up_EHD, down_EDI, *gu_per_expert)
-        ctx.counts = counts
-        ctx.has_bias = (gate_up_bias_EH is not None, down_bias_ED is not None)
-        return y_ND
+            if n == 0:
+                continue
+            end = start + n
+            x_nD = x_TD.index_select(0, token_N[start:end])
+            b1, b2 = _bias(gate_up_bias_EH, e), _bias(down_bias_ED, e)
+            gu = torch.mm(x_nD, gate_up_EHD[e].t()) if b1 is None else torch.addmm(b1, x_nD, gate_up_EHD[e].t())
+            h = F.silu(gu[:, :I]) * gu[:, I:]  # SwiGLU (Shazeer 2020, Eq. 6)
+            y = torch.mm(h, down_EDI[e].t()) if b2 is None else torch.addmm(b2, h, down_EDI[e].t())
+            slots.index_copy_(0, order_N[start:end], y)
+            gu_per_expert.append(gu)
+            start = end
+        ctx.save_for_backward(x_TD, gate_up_EHD, down_EDI, order_N, *gu_per_expert)
+        ctx.counts, ctx.K = counts, K
+        return slots
 
     @staticmethod
-    def backward(ctx, dy_ND):
-        x_ND, gate_up_EHD, down_EDI, *gu_per_expert = ctx.saved_tensors
-        gu_iter = iter(gu_per_expert)
+    def backward(ctx, dslots):
+        x_TD, gate_up_EHD, down_EDI, order_N, *gu_per_expert = ctx.saved_tensors
+        K, (T, D) = ctx.K, x_TD.shape
         I = down_EDI.shape[-1]
         need_x, need_w1, need_w2, need_b1, need_b2 = ctx.needs_input_grad[:5]
-        dx_ND = torch.empty_like(x_ND) if need_x else None
+        dx_slots = x_TD.new_zeros(T * K, D) if need_x else None
         dw1 = torch.empty_like(gate_up_EHD) if need_w1 else None
         dw2 = torch.empty_like(down_EDI) if need_w2 else None
         db1 = gate_up_EHD.new_zeros(gate_up_EHD.shape[:2]) if need_b1 else None  # (E, 2I)
         db2 = down_EDI.new_zeros(down_EDI.shape[:2]) if need_b2 else None  # (E, D)
-        dy_ND = dy_ND.contiguous()
+        token_N = order_N // K
+        gu_iter = iter(gu_per_expert)
         start = 0
         for e, n in enumerate(ctx.counts):
             if n == 0:
@@ -87,11 +84,12 @@ class GroupedSwiGLU(torch.autograd.Function):
                     dw2[e].zero_()
                 continue
             end = start + n
+            rows = order_N[start:end]
             gu = next(gu_iter)  # (n, 2I)
             gate, up = gu[:, :I], gu[:, I:]
             sig = torch.sigmoid(gate)
             act = gate * sig  # silu(gate)
-            dy = dy_ND[start:end]
+            dy = dslots.index_select(0, rows)  # (n, D)
             if need_w2:
                 torch.mm(dy.t(), act * up, out=dw2[e])  # dL/dW2 = dy^T h
             if need_b2:
@@ -101,51 +99,35 @@ class GroupedSwiGLU(torch.autograd.Function):
             torch.mul(dh * up, sig * (1 + gate * (1 - sig)), out=dgu[:, :I])  # silu'(g) = s (1 + g (1 - s))
             torch.mul(dh, act, out=dgu[:, I:])
             if need_w1:
-                torch.mm(dgu.t(), x_ND[start:end], out=dw1[e])  # dL/dW1 = dgu^T x
+                torch.mm(dgu.t(), x_TD.index_select(0, token_N[start:end]), out=dw1[e])  # dL/dW1 = dgu^T x
             if need_b1:
                 torch.sum(dgu, dim=0, out=db1[e])
             if need_x:
-                torch.mm(dgu, gate_up_EHD[e], out=dx_ND[start:end])  # dL/dx = dgu W1
+                dx_slots.index_copy_(0, rows, torch.mm(dgu, gate_up_EHD[e]))  # dL/dx = dgu W1, per slot
             start = end
-        return dx_ND, dw1, dw2, db1, db2, None
+        dx_TD = dx_slots.view(T, K, D).sum(dim=1) if need_x else None
+        return dx_TD, dw1, dw2, db1, db2, None, None, None
 
 
 def _bias(bias, e):
     return bias[e] if bias is not None else None
 
 
-def _grouped_autograd(x_ND, gate_up_EHD, down_EDI, gate_up_bias_EH, down_bias_ED, counts, act_fn) -> torch.Tensor:
-    """The same computation through autograd, for activations other than SiLU."""
+def _grouped_autograd(
+    x_TD, gate_up_EHD, down_EDI, gate_up_bias_EH, down_bias_ED, order_N, counts, K, act_fn
+) -> torch.Tensor:
+    """`GroupedExperts` through autograd, for activations other than SiLU: (T*K, D) unweighted slots."""
+    T, D = x_TD.shape
     I = down_EDI.shape[-1]
+    x_ND = x_TD.index_select(0, order_N // K)
     outs, start = [], 0
     for e, n in enumerate(counts):
         if n:
             gate_up = F.linear(x_ND[start : start + n], gate_up_EHD[e], _bias(gate_up_bias_EH, e))  # (n, 2I)
             outs.append(F.linear(act_fn(gate_up[:, :I]) * gate_up[:, I:], down_EDI[e], _bias(down_bias_ED, e)))
             start += n
-    return torch.cat(outs) if outs else x_ND.new_zeros(0, x_ND.shape[-1])
-
-
-class SortedGather(torch.autograd.Function):
-    """x_ND = x_TD[order_N // K]: the token row of each expert-sorted assignment.
-
-    `order_N` holds distinct (token, choice) slots, so the backward scatters with `index_copy` into a (T*K, D)
-    buffer and sums the K choices: no `index_add_` (atomics on GPU; on the CPU it was the slowest op of the block,
-    up to 13 ms for a single decode token on 2 contended cores).
-    """
-
-    @staticmethod
-    def forward(ctx, x_TD, order_N, K):
-        ctx.save_for_backward(order_N)
-        ctx.K, ctx.T = K, x_TD.shape[0]
-        return x_TD.index_select(0, order_N // K)
-
-    @staticmethod
-    def backward(ctx, dx_ND):
-        (order_N,) = ctx.saved_tensors
-        T, K = ctx.T, ctx.K
-        slots = dx_ND.new_zeros(T * K, dx_ND.shape[-1]).index_copy_(0, order_N, dx_ND)
-        return slots.view(T, K, -1).sum(dim=1), None, None
+    y_ND = torch.cat(outs) if outs else x_TD.new_zeros(0, D)
+    return x_TD.new_zeros(T * K, D).index_copy(0, order_N, y_ND)
 
 
 # At or below this many (token, expert) assignments, inference skips sorting and grouping (decode steps).
@@ -198,7 +180,7 @@ def grouped_experts_forward(
 
     Tokens are sorted by expert so that each expert's tokens are one contiguous slice, and each expert does
     one GEMM for its whole group (no per-token loop, no full (E, T, D) tensor). With SiLU (SwiGLU) the grouped
-    GEMMs run in `GroupedSwiGLU`, whose backward writes each expert's weight gradient once.
+    GEMMs run in `GroupedExperts`, whose backward writes each expert's weight gradient once.
 
     Args:
         x_TD: expert input, shape (T, D).
@@ -224,19 +206,14 @@ def grouped_experts_forward(
     counts = torch.bincount(flat_expert_N, minlength=E + 1)[:E].tolist()  # the sentinel E is counted, then cut
     n_routed = sum(counts)
     order_N = order_N[:n_routed]  # dropped assignments sorted last: cut them
-    x_ND = SortedGather.apply(x_TD, order_N, K)  # (N, D): the token row of each sorted assignment
-
     if isinstance(act_fn, (nn.SiLU, SiLUActivation)) or act_fn is F.silu:
-        y_ND = GroupedSwiGLU.apply(x_ND, gate_up_proj_EHD, down_proj_EDI, *biases, counts)
+        slots = GroupedExperts.apply(x_TD, gate_up_proj_EHD, down_proj_EDI, *biases, order_N, counts, K)
     else:
-        y_ND = _grouped_autograd(x_ND, gate_up_proj_EHD, down_proj_EDI, *biases, counts, act_fn)
-    # Combine: put each output back in its (token, choice) slot, weight it there, and sum the k choices. No
-    # scatter-add: deterministic, one rounding per token in low precision, and no atomics / thread contention;
-    # the weights' gradient is an elementwise product, with no gather to undo.
+        slots = _grouped_autograd(x_TD, gate_up_proj_EHD, down_proj_EDI, *biases, order_N, counts, K, act_fn)
+    # Combine: each token's k slot outputs weighted and summed in one batched matmul, (T, 1, K) @ (T, K, D). No
+    # scatter-add: deterministic, one rounding per token in low precision, no atomics or thread contention.
     T, D = x_TD.shape
-    slots = y_ND.new_zeros(T * K, D) if n_routed < T * K else y_ND.new_empty(T * K, D)
-    slots_TKD = slots.index_copy(0, order_N, y_ND).view(T, K, D)  # dropped slots stay 0
-    return (slots_TKD * weights_TK.to(y_ND.dtype).unsqueeze(-1)).sum(dim=1)
+    return torch.bmm(weights_TK.to(slots.dtype).unsqueeze(1), slots.view(T, K, D)).squeeze(1)
 
 
 @use_experts_implementation

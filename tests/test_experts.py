@@ -67,7 +67,7 @@ def test_bfloat16_output_dtype():
 
 @pytest.mark.parametrize("bias", [False, True])
 def test_fused_swiglu_backward_passes_gradcheck(bias):
-    from modeling_moe.experts import GroupedSwiGLU
+    from modeling_moe.experts import GroupedExperts
 
     x = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
     w1 = torch.randn(3, 8, 5, dtype=torch.float64, requires_grad=True)
@@ -75,12 +75,14 @@ def test_fused_swiglu_backward_passes_gradcheck(bias):
     b1 = torch.randn(3, 8, dtype=torch.float64, requires_grad=True) if bias else None
     b2 = torch.randn(3, 5, dtype=torch.float64, requires_grad=True) if bias else None
     counts = [3, 0, 4]  # an expert with no tokens must get an exact zero gradient
+    # 7 tokens, K = 2: 14 slots, 7 of them routed (expert 0 takes slots 0, 3, 5; expert 2 takes 1, 8, 10, 13)
+    order = torch.tensor([0, 3, 5, 1, 8, 10, 13])
     inputs = tuple(t for t in (x, w1, w2, b1, b2) if t is not None)
 
     def fn(*args):
         a, b, c = args[:3]
         d, e = args[3:] if bias else (None, None)
-        return GroupedSwiGLU.apply(a, b, c, d, e, counts)
+        return GroupedExperts.apply(a, b, c, d, e, order, counts, 2)
 
     assert torch.autograd.gradcheck(fn, inputs)
     fn(*inputs).sum().backward()
