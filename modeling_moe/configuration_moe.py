@@ -27,6 +27,27 @@ DEFAULT_NORM_TOPK_PROB = {
     "expert_choice": False,
 }
 ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
+# Fields with the same name and meaning in transformers' Llama / Mistral / Qwen2 / Mixtral configs: what the
+# Mixtral conversion and the upcycling copy over unchanged.
+TRANSFORMERS_DECODER_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "hidden_act",
+    "max_position_embeddings",
+    "initializer_range",
+    "rms_norm_eps",
+    "use_cache",
+    "pad_token_id",
+    "bos_token_id",
+    "eos_token_id",
+    "tie_word_embeddings",
+    "rope_parameters",
+    "attention_dropout",
+)
 BOOL_FIELDS = (
     "use_cache",
     "tie_word_embeddings",
@@ -391,4 +412,4 @@ def _check_types_list(name: str, types, allowed: tuple[str, ...], num_layers: in
         raise MoeConfigError(f"{name} entries must be in {allowed}, got {bad}")
 
 
-__all__ = ["MoeConfig", "MoeConfigError"]
+__all__ = ["TRANSFORMERS_DECODER_FIELDS", "MoeConfig", "MoeConfigError"]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from transformers import AutoConfig, MixtralConfig, MixtralForCausalLM
 
-from .configuration_moe import MoeConfig
+from .configuration_moe import TRANSFORMERS_DECODER_FIELDS, MoeConfig
 from .modeling_moe import MoeForCausalLM
 
 logger = logging.getLogger(__name__)
@@ -29,29 +29,13 @@ MOE_TO_MIXTRAL_KEYS = {r"\.mlp\.router\.weight$": ".mlp.gate.weight"}
 
 # Config fields that mean the same thing on both sides.
 SHARED_CONFIG_FIELDS = (
-    "vocab_size",
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "hidden_act",
-    "max_position_embeddings",
-    "initializer_range",
-    "rms_norm_eps",
-    "use_cache",
-    "pad_token_id",
-    "bos_token_id",
-    "eos_token_id",
-    "tie_word_embeddings",
+    *TRANSFORMERS_DECODER_FIELDS,
     "sliding_window",
-    "attention_dropout",
     "num_experts_per_tok",
     "num_local_experts",
     "output_router_logits",
     "router_aux_loss_coef",
     "router_jitter_noise",
-    "rope_parameters",
 )
 
 

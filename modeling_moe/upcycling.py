@@ -56,7 +56,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 from transformers.dynamic_module_utils import custom_object_save
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
-from .configuration_moe import ROUTER_TYPES, MoeConfig
+from .configuration_moe import ROUTER_TYPES, TRANSFORMERS_DECODER_FIELDS, MoeConfig
 from .hub import atomic_directory, model_card
 from .modeling_moe import HUB_AUTO_MAP, MoeForCausalLM
 
@@ -74,26 +74,7 @@ class DegenerateRouterWarning(UserWarning):
 # ------------------------------------------------------------------------------------------------ config map
 # Dense config fields copied verbatim into MoeConfig (same name on both sides). Missing any of these silently
 # changes the model, so the list is checked against the dense config (see `_check_unknown_fields`).
-COMMON_CONFIG_FIELDS = (
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "hidden_act",
-    "max_position_embeddings",
-    "initializer_range",
-    "rms_norm_eps",
-    "use_cache",
-    "pad_token_id",
-    "bos_token_id",
-    "eos_token_id",
-    "tie_word_embeddings",
-    "rope_parameters",
-    "attention_dropout",
-)
+COMMON_CONFIG_FIELDS = (*TRANSFORMERS_DECODER_FIELDS, "intermediate_size")
 
 
 @dataclass(frozen=True)
