@@ -9,7 +9,7 @@
    compares it with the size of the upcycled weights and with "largest input shard + one upcycled layer".
 4. Extrapolates to a full 7B dense model (Mistral-7B shape: 32 layers, vocab 32000) upcycled to 8 experts.
 
-    python bench/bench_upcycle_memory.py --layers 2 4 8 --results bench/results_upcycle_memory.md
+    python bench/bench_upcycle_memory.py --layers 2 4 8 --results /tmp/upcycle_memory.md  # section for RESULTS.md
 
 Needs about (max layers * 3.4 GB) free disk under --workdir (checked first); everything written is deleted at the end.
 """
