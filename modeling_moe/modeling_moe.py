@@ -343,18 +343,26 @@ class MoePreTrainedModel(PreTrainedModel):
                 module.update_bias()
 
     def _count_router_load(self, router_indices, token_mask) -> None:
-        """Add this forward's routed tokens per expert to each aux-loss-free router's `load_counts`."""
-        routers = [m for m in self.modules() if isinstance(m, MoeRouter)]
-        if not router_indices or all(r.load_counts is None for r in routers):
+        """Add this forward's routed tokens per expert to the `load_counts` of each aux-loss-free router.
+
+        `router_indices` has one entry per MoE block, in layer order. Every router inside a block counts it: a
+        wrapper such as peft's `modules_to_save` holds the original router and its trained copy, and both must
+        take the same bias steps.
+        """
+        blocks = [m for m in self.modules() if isinstance(m, MoeSparseBlock)]
+        if not router_indices:
             return
         with torch.no_grad():
             mask_T = token_mask.reshape(-1).bool() if token_mask is not None else None
-            for router, indices_TK in zip(routers, router_indices):
-                if router.load_counts is None:
+            for block, indices_TK in zip(blocks, router_indices):
+                routers = [r for r in block.router.modules() if isinstance(r, MoeRouter) and r.load_counts is not None]
+                if not routers:
                     continue
-                E = router.num_experts
+                E = routers[0].num_experts
                 kept = indices_TK if mask_T is None else indices_TK[mask_T.to(indices_TK.device)]
-                router.load_counts += torch.bincount(kept.reshape(-1), minlength=E + 1)[:E].to(router.load_counts)
+                counts_E = torch.bincount(kept.reshape(-1), minlength=E + 1)[:E]
+                for router in routers:
+                    router.load_counts += counts_E.to(router.load_counts)
 
 
 class MoeModel(MoePreTrainedModel):

@@ -363,3 +363,28 @@ def test_expert_choice_trains():
     # every expert takes exactly C = ceil(16 * 2 * 1.0 / 4) = 8 tokens
     counts = torch.bincount(out.router_indices[0].reshape(-1), minlength=5)[:4]
     assert counts.tolist() == [8, 8, 8, 8]
+
+
+def test_load_counts_reach_every_router_of_a_wrapped_block():
+    """peft's `modules_to_save` wraps a router as {original, trained copy}: both must count the same load."""
+    import copy
+
+    model = MoeForCausalLM(tiny_config(router_bias_update_rate=0.01, num_hidden_layers=2)).train()
+
+    class Wrapper(torch.nn.Module):  # the shape of peft's ModulesToSaveWrapper
+        def __init__(self, router):
+            super().__init__()
+            self.original_module = router
+            self.modules_to_save = torch.nn.ModuleDict({"default": copy.deepcopy(router)})
+
+        def forward(self, *args, **kwargs):
+            return self.modules_to_save["default"](*args, **kwargs)
+
+    block0 = model.model.layers[0].mlp
+    block0.router = Wrapper(block0.router)
+    ids = torch.randint(3, 128, (2, 5))
+    model(ids, labels=ids)
+    original, trained = block0.router.original_module, block0.router.modules_to_save["default"]
+    assert original.load_counts.sum() == trained.load_counts.sum() == 10 * 2
+    layer1 = model.model.layers[1].mlp.router
+    assert layer1.load_counts.sum() == 10 * 2  # the second layer's routing went to the second layer
