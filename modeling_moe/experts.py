@@ -150,7 +150,23 @@ def few_token_experts_forward(
 ) -> torch.Tensor:
     """Inference path for a handful of tokens (batch-1 / small-batch decoding): each assignment runs its expert
     directly on its token's row, with no sort, gather or scatter. Same arguments and result as
-    `grouped_experts_forward`; the sentinel E (dropped) is skipped."""
+    `grouped_experts_forward`; the sentinel E (dropped) is skipped.
+
+    The loop reads the expert indices on the host, which `torch.compile` cannot trace; under compilation (e.g.
+    `generate(cache_implementation="static")` with a compile config) the SwiGLU case runs as the opaque custom op
+    `moe_lm::few_token_swiglu`, so the rest of the decode step compiles into one graph around it."""
+    if torch.compiler.is_compiling() and _is_silu(act_fn):
+        return torch.ops.moe_lm.few_token_swiglu(
+            x_TD, gate_up_proj_EHD, down_proj_EDI, indices_TK, weights_TK, gate_up_bias_EH, down_bias_ED
+        )
+    return _few_token_loop(
+        x_TD, gate_up_proj_EHD, down_proj_EDI, indices_TK, weights_TK, act_fn, gate_up_bias_EH, down_bias_ED
+    )
+
+
+def _few_token_loop(
+    x_TD, gate_up_proj_EHD, down_proj_EDI, indices_TK, weights_TK, act_fn, gate_up_bias_EH, down_bias_ED
+):
     E = gate_up_proj_EHD.shape[0]
     I = down_proj_EDI.shape[-1]
     y_TD = torch.zeros_like(x_TD)
@@ -164,6 +180,29 @@ def few_token_experts_forward(
             h = act_fn(gate_up[:, :I]) * gate_up[:, I:]  # SwiGLU
             y_TD[t : t + 1] += weights[t, k] * F.linear(h, down_proj_EDI[e], _bias(down_bias_ED, e))
     return y_TD
+
+
+def _is_silu(act_fn) -> bool:
+    return isinstance(act_fn, (nn.SiLU, SiLUActivation)) or act_fn is F.silu
+
+
+def _few_token_swiglu(x_TD, gate_up_proj_EHD, down_proj_EDI, indices_TK, weights_TK, gate_up_bias_EH, down_bias_ED):
+    return _few_token_loop(
+        x_TD, gate_up_proj_EHD, down_proj_EDI, indices_TK, weights_TK, F.silu, gate_up_bias_EH, down_bias_ED
+    )
+
+
+# Defined once per process: this file may be imported twice (the installed package and a trust_remote_code copy
+# of it), and torch.library refuses a second definition of the same name. The schema is explicit because this
+# file's annotations are strings.
+if not hasattr(torch.ops.moe_lm, "few_token_swiglu"):
+    torch.library.custom_op(
+        "moe_lm::few_token_swiglu",
+        _few_token_swiglu,
+        mutates_args=(),
+        schema="(Tensor x, Tensor gate_up, Tensor down, Tensor indices, Tensor weights, Tensor? gate_up_bias, "
+        "Tensor? down_bias) -> Tensor",
+    ).register_fake(lambda x_TD, *args: torch.empty_like(x_TD))
 
 
 def grouped_experts_forward(
@@ -206,7 +245,7 @@ def grouped_experts_forward(
     counts = torch.bincount(flat_expert_N, minlength=E + 1)[:E].tolist()  # the sentinel E is counted, then cut
     n_routed = sum(counts)
     order_N = order_N[:n_routed]  # dropped assignments sorted last: cut them
-    if isinstance(act_fn, (nn.SiLU, SiLUActivation)) or act_fn is F.silu:
+    if _is_silu(act_fn):
         slots = GroupedExperts.apply(x_TD, gate_up_proj_EHD, down_proj_EDI, *biases, order_N, counts, K)
     else:
         slots = _grouped_autograd(x_TD, gate_up_proj_EHD, down_proj_EDI, *biases, order_N, counts, K, act_fn)

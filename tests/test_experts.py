@@ -182,3 +182,27 @@ def test_few_token_inference_path_matches_the_grouped_path():
     # with gradients the grouped autograd path is used, and agrees
     x.requires_grad_()
     torch.testing.assert_close(ex.grouped_experts_forward(x, gate_up, down, indices, weights, F.silu), few)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_few_token_custom_op_matches_the_loop_and_passes_opcheck(bias):
+    """The opaque op that `torch.compile` sees in decode steps: same values as the reference loop, and a fake
+    (meta) implementation whose shapes, dtypes and schema torch.library's opcheck accepts."""
+    from modeling_moe.experts import few_token_experts_forward
+
+    E, D, I = 4, 8, 6
+    x = torch.randn(3, D)
+    gate_up, down = torch.randn(E, 2 * I, D), torch.randn(E, D, I)
+    b1, b2 = (torch.randn(E, 2 * I), torch.randn(E, D)) if bias else (None, None)
+    indices = torch.tensor([[1, 3], [E, 0], [2, E]])  # two dropped assignments
+    weights = torch.rand(3, 2)
+    got = torch.ops.moe_lm.few_token_swiglu(x, gate_up, down, indices, weights, b1, b2)
+    expected = few_token_experts_forward(x, gate_up, down, indices, weights, F.silu, b1, b2)
+    torch.testing.assert_close(got, expected)
+    if not bias:
+        torch.testing.assert_close(got, reference_loop(x, gate_up, down, indices, weights))
+    torch.library.opcheck(
+        torch.ops.moe_lm.few_token_swiglu.default,
+        (x, gate_up, down, indices, weights, b1, b2),
+        test_utils=("test_schema", "test_faketensor"),
+    )
