@@ -15,8 +15,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.activations import ACT2FN, SiLUActivation
+from transformers.activations import ACT2FN
 from transformers.integrations import use_experts_implementation
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+from .triton_experts import is_silu, triton_available, triton_experts_forward
 
 
 class GroupedExperts(torch.autograd.Function):
@@ -155,7 +158,7 @@ def few_token_experts_forward(
     The loop reads the expert indices on the host, which `torch.compile` cannot trace; under compilation (e.g.
     `generate(cache_implementation="static")` with a compile config) the SwiGLU case runs as the opaque custom op
     `moe_lm::few_token_swiglu`, so the rest of the decode step compiles into one graph around it."""
-    if torch.compiler.is_compiling() and _is_silu(act_fn):
+    if torch.compiler.is_compiling() and is_silu(act_fn):
         return torch.ops.moe_lm.few_token_swiglu(
             x_TD, gate_up_proj_EHD, down_proj_EDI, indices_TK, weights_TK, gate_up_bias_EH, down_bias_ED
         )
@@ -182,10 +185,6 @@ def _few_token_loop(
     return y_TD
 
 
-def _is_silu(act_fn) -> bool:
-    return isinstance(act_fn, (nn.SiLU, SiLUActivation)) or act_fn is F.silu
-
-
 def _few_token_swiglu(x_TD, gate_up_proj_EHD, down_proj_EDI, indices_TK, weights_TK, gate_up_bias_EH, down_bias_ED):
     return _few_token_loop(
         x_TD, gate_up_proj_EHD, down_proj_EDI, indices_TK, weights_TK, F.silu, gate_up_bias_EH, down_bias_ED
@@ -203,6 +202,63 @@ if not hasattr(torch.ops.moe_lm, "few_token_swiglu"):
         schema="(Tensor x, Tensor gate_up, Tensor down, Tensor indices, Tensor weights, Tensor? gate_up_bias, "
         "Tensor? down_bias) -> Tensor",
     ).register_fake(lambda x_TD, *args: torch.empty_like(x_TD))
+
+
+def experts_forward(
+    x_TD: torch.Tensor,
+    gate_up_proj_EHD: torch.Tensor,
+    down_proj_EDI: torch.Tensor,
+    indices_TK: torch.Tensor,
+    weights_TK: torch.Tensor,
+    act_fn,
+    gate_up_bias_EH: torch.Tensor | None = None,
+    down_bias_ED: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The experts computation: y_TD = sum_k weights_TK[:, k] * expert_{indices_TK[:, k]}(x_TD), dropped (E) skipped.
+
+    Every path below is exact against the same plain loop (tests/test_experts.py, tests/test_triton_experts.py);
+    this function only picks the fastest one for the inputs:
+        few assignments, no grad   CUDA: `gathered_experts_forward` (no host sync: CUDA-graph capturable);
+                                   CPU: `few_token_experts_forward` (one GEMV pair per assignment).
+        CUDA with triton, SwiGLU   `triton_experts_forward` (fused gather/SwiGLU/scatter kernels).
+        otherwise                  `grouped_experts_forward` (sorted groups, one GEMM pair per expert).
+    """
+    args = (x_TD, gate_up_proj_EHD, down_proj_EDI, indices_TK, weights_TK, act_fn, gate_up_bias_EH, down_bias_ED)
+    params = (x_TD, gate_up_proj_EHD, down_proj_EDI, gate_up_bias_EH, down_bias_ED)
+    if indices_TK.numel() <= SMALL_BATCH_ASSIGNMENTS and not _needs_grad(*params):
+        return gathered_experts_forward(*args) if x_TD.is_cuda else few_token_experts_forward(*args)
+    if x_TD.is_cuda and triton_available(x_TD) and is_silu(act_fn):
+        return triton_experts_forward(*args)
+    return grouped_experts_forward(*args)
+
+
+def gathered_experts_forward(
+    x_TD: torch.Tensor,
+    gate_up_proj_EHD: torch.Tensor,
+    down_proj_EDI: torch.Tensor,
+    indices_TK: torch.Tensor,
+    weights_TK: torch.Tensor,
+    act_fn,
+    gate_up_bias_EH: torch.Tensor | None = None,
+    down_bias_ED: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A handful of assignments with static shapes and no host read of the routing: each assignment's expert
+    weights are gathered and run as batched GEMVs. For CUDA decoding (graph capture, `torch.compile`); it copies
+    the active experts' weights, so it is for a few tokens only. Same arguments and result as `experts_forward`."""
+    T, K = indices_TK.shape
+    E, D, I = down_proj_EDI.shape
+    routed_TK = indices_TK < E
+    expert_N = indices_TK.clamp(max=E - 1).reshape(-1)  # (T*K,); dropped ones computed on expert E-1, then zeroed
+    x_ND1 = x_TD.repeat_interleave(K, dim=0).unsqueeze(-1)  # (T*K, D, 1)
+    gate_up = torch.bmm(gate_up_proj_EHD.index_select(0, expert_N), x_ND1).squeeze(-1)  # (T*K, 2I)
+    if gate_up_bias_EH is not None:
+        gate_up = gate_up + gate_up_bias_EH.index_select(0, expert_N)
+    h_NI1 = (act_fn(gate_up[:, :I]) * gate_up[:, I:]).unsqueeze(-1)  # SwiGLU (Shazeer 2020, Eq. 6)
+    y_ND = torch.bmm(down_proj_EDI.index_select(0, expert_N), h_NI1).squeeze(-1)  # (T*K, D)
+    if down_bias_ED is not None:
+        y_ND = y_ND + down_bias_ED.index_select(0, expert_N)
+    y_TKD = torch.where(routed_TK.unsqueeze(-1), y_ND.view(T, K, D), 0)
+    return torch.bmm(weights_TK.to(y_TKD.dtype).unsqueeze(1), y_TKD).squeeze(1)
 
 
 def grouped_experts_forward(
@@ -236,16 +292,12 @@ def grouped_experts_forward(
     K = indices_TK.shape[1]
     E = gate_up_proj_EHD.shape[0]
     biases = (gate_up_bias_EH, down_bias_ED)
-    params = [t for t in (x_TD, gate_up_proj_EHD, down_proj_EDI, *biases) if t is not None]
-    if indices_TK.numel() <= SMALL_BATCH_ASSIGNMENTS and not _needs_grad(*params):
-        return few_token_experts_forward(x_TD, gate_up_proj_EHD, down_proj_EDI, indices_TK, weights_TK, act_fn, *biases)
-
     flat_expert_N = indices_TK.reshape(-1)  # (T*K,)
     order_N = torch.argsort(flat_expert_N, stable=True)  # assignments grouped by expert, token order inside
     counts = torch.bincount(flat_expert_N, minlength=E + 1)[:E].tolist()  # the sentinel E is counted, then cut
     n_routed = sum(counts)
     order_N = order_N[:n_routed]  # dropped assignments sorted last: cut them
-    if _is_silu(act_fn):
+    if is_silu(act_fn):
         slots = GroupedExperts.apply(x_TD, gate_up_proj_EHD, down_proj_EDI, *biases, order_N, counts, K)
     else:
         slots = _grouped_autograd(x_TD, gate_up_proj_EHD, down_proj_EDI, *biases, order_N, counts, K, act_fn)
@@ -260,8 +312,9 @@ class MoeExperts(nn.Module):
     """E SwiGLU experts stored as two 3-D parameters (Mixtral layout); see the module docstring.
 
     Plugged into transformers' experts interface: `from_pretrained(..., experts_implementation=...)` or
-    `model.set_experts_implementation(...)` swaps `forward` for one of transformers' implementations
-    ("grouped_mm", "batched_mm", ...). The default, "eager", is `grouped_experts_forward` below.
+    `model.set_experts_implementation(...)` swaps `forward`. The default, "eager", is `experts_forward` (the
+    fastest exact path for the inputs); "moe_grouped" forces `grouped_experts_forward`, "moe_triton" the Triton
+    kernels; transformers' own ("grouped_mm", "batched_mm", ...) work where they are exact (no drops, no biases).
     """
 
     def __init__(self, config) -> None:
@@ -281,7 +334,7 @@ class MoeExperts(nn.Module):
 
     def forward(self, x_TD: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
         """(T, D) tokens, (T, K) expert indices (E = dropped), (T, K) weights -> (T, D) combined expert output."""
-        return grouped_experts_forward(
+        return experts_forward(
             x_TD,
             self.gate_up_proj,
             self.down_proj,
@@ -293,4 +346,23 @@ class MoeExperts(nn.Module):
         )
 
 
-__all__ = ["MoeExperts", "grouped_experts_forward"]
+def _moe_grouped_experts(self, x_TD: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor):
+    """experts-interface entry "moe_grouped": the torch grouped path on any device, no automatic choice."""
+    biases = (self.gate_up_proj_bias, self.down_proj_bias)
+    return grouped_experts_forward(
+        x_TD, self.gate_up_proj, self.down_proj, indices_TK, weights_TK, self.act_fn, *biases
+    )
+
+
+ALL_EXPERTS_FUNCTIONS.register("moe_grouped", _moe_grouped_experts)
+# The implementations of this file: exact with dropped assignments and expert biases ("moe_triton" registers
+# itself in triton_experts.py when triton is installed).
+OUR_EXPERTS_IMPLEMENTATIONS = ("eager", "moe_grouped", "moe_triton")
+
+__all__ = [
+    "OUR_EXPERTS_IMPLEMENTATIONS",
+    "MoeExperts",
+    "experts_forward",
+    "gathered_experts_forward",
+    "grouped_experts_forward",
+]

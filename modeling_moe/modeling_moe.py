@@ -38,7 +38,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_moe import MoeConfig
-from .experts import MoeExperts
+from .experts import OUR_EXPERTS_IMPLEMENTATIONS, MoeExperts
 from .losses import importance_loss, load_balancing_loss, load_balancing_loss_per_layer, router_z_loss
 from .routing import MoeDispatcher, MoeRouter, expert_capacity
 
@@ -282,14 +282,18 @@ class MoePreTrainedModel(PreTrainedModel):
         return True  # MoeExperts (experts.py) carries transformers' @use_experts_implementation
 
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
-        """Default to this repository's grouped implementation ("eager"); others only where they are exact.
+        """Default to this repository's implementation ("eager": the fastest exact path for the inputs, see
+        `experts.experts_forward`); "moe_grouped" and "moe_triton" force one of its paths; transformers' own
+        implementations only where they are exact.
 
         transformers' other implementations do not skip dropped assignments (the sentinel index E), so they are
         refused for configs that can drop (a capacity factor) or leave assignments unchosen (expert choice).
         """
         if requested_experts is None:
             return "eager"
-        if requested_experts not in (None, "eager") and self.config.mlp_bias:
+        if requested_experts in OUR_EXPERTS_IMPLEMENTATIONS:  # exact with drops and biases (experts.py)
+            return super().get_correct_experts_implementation(requested_experts)
+        if self.config.mlp_bias:
             raise ValueError(
                 f"experts_implementation={requested_experts!r} ignores the expert biases of mlp_bias=True; use 'eager'"
             )
@@ -298,7 +302,7 @@ class MoePreTrainedModel(PreTrainedModel):
             or self.config.capacity_factor_eval is not None
             or self.config.router_type == "expert_choice"
         )
-        if requested_experts != "eager" and can_drop:
+        if can_drop:
             raise ValueError(
                 f"experts_implementation={requested_experts!r} does not skip dropped assignments; with "
                 f"capacity_factor_train={self.config.capacity_factor_train}, capacity_factor_eval="

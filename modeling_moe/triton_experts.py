@@ -542,7 +542,8 @@ class TritonGroupedExperts(torch.autograd.Function):
         return dx, dw1, dw2, db1, db2, None, None, None, None, None, None
 
 
-def _is_silu(act_fn) -> bool:
+def is_silu(act_fn) -> bool:
+    """Whether `act_fn` is SiLU (the gate of SwiGLU), the activation the fused kernels implement."""
     return isinstance(act_fn, (nn.SiLU, SiLUActivation)) or act_fn is F.silu
 
 
@@ -569,7 +570,7 @@ def triton_experts_forward(
     Returns:
         y_TD: sum over k of weights_TK[t, k] * expert_{indices_TK[t, k]}(x_TD[t]), shape (T, D), dtype of x_TD.
     """
-    if not _is_silu(act_fn):
+    if not is_silu(act_fn):
         raise NotImplementedError(f"triton_experts_forward implements SwiGLU only (SiLU gate); got act_fn={act_fn!r}")
     if triton is None:
         raise RuntimeError("triton_experts_forward needs triton, which is not installed")

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from modeling_moe.experts import grouped_experts_forward
+from modeling_moe.experts import experts_forward, gathered_experts_forward, grouped_experts_forward
 
 
 def reference_loop(x, gate_up, down, indices, weights):
@@ -106,9 +106,11 @@ def test_expert_biases_match_the_reference_loop_on_both_paths():
                 expected[t] += weights[t, k] * ((F.silu(h[:6]) * h[6:]) @ down[e].T + b2[e])
     got = grouped_experts_forward(x, gate_up, down, indices, weights, F.silu, b1, b2)  # grouped (grad)
     torch.testing.assert_close(got, expected)
-    with torch.no_grad():  # few-token path
-        few = grouped_experts_forward(x[:3], gate_up, down, indices[:3], weights[:3], F.silu, b1, b2)
+    with torch.no_grad():  # few-token paths
+        few = experts_forward(x[:3], gate_up, down, indices[:3], weights[:3], F.silu, b1, b2)
+        gathered = gathered_experts_forward(x[:3], gate_up, down, indices[:3], weights[:3], F.silu, b1, b2)
     torch.testing.assert_close(few, expected[:3])
+    torch.testing.assert_close(gathered, expected[:3])
 
 
 def test_other_activations_take_the_autograd_path():
@@ -175,13 +177,16 @@ def test_few_token_inference_path_matches_the_grouped_path():
     weights = torch.rand(3, 2, dtype=torch.float64)
     with torch.no_grad():
         few = ex.few_token_experts_forward(x, gate_up, down, indices, weights, F.silu)
-        assert indices.numel() <= ex.SMALL_BATCH_ASSIGNMENTS  # what grouped_experts_forward dispatches on
+        assert indices.numel() <= ex.SMALL_BATCH_ASSIGNMENTS  # what experts_forward dispatches on
+        dispatched = ex.experts_forward(x, gate_up, down, indices, weights, F.silu)
         routed = ex.grouped_experts_forward(x, gate_up, down, indices, weights, F.silu)
+        gathered = ex.gathered_experts_forward(x, gate_up, down, indices, weights, F.silu)
     torch.testing.assert_close(few, reference_loop(x, gate_up, down, indices, weights))
-    torch.testing.assert_close(routed, few)
+    for other in (dispatched, routed, gathered):
+        torch.testing.assert_close(other, few)
     # with gradients the grouped autograd path is used, and agrees
     x.requires_grad_()
-    torch.testing.assert_close(ex.grouped_experts_forward(x, gate_up, down, indices, weights, F.silu), few)
+    torch.testing.assert_close(ex.experts_forward(x, gate_up, down, indices, weights, F.silu), few)
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -206,3 +211,32 @@ def test_few_token_custom_op_matches_the_loop_and_passes_opcheck(bias):
         (x, gate_up, down, indices, weights, b1, b2),
         test_utils=("test_schema", "test_faketensor"),
     )
+
+
+def test_gathered_path_compiles_to_one_graph_and_matches_the_loop():
+    """The CUDA decode path has static shapes and no host read of the routing, so it compiles without a graph
+    break (checked here on the CPU with fullgraph=True) and gives the reference loop's result."""
+    E, D, I = 4, 8, 6
+    x = torch.randn(2, D)
+    gate_up, down = torch.randn(E, 2 * I, D), torch.randn(E, D, I)
+    indices = torch.tensor([[3, E], [0, 2]])
+    weights = torch.rand(2, 2)
+    compiled = torch.compile(gathered_experts_forward, fullgraph=True, dynamic=False)
+    got = compiled(x, gate_up, down, indices, weights, F.silu)
+    torch.testing.assert_close(got, reference_loop(x, gate_up, down, indices, weights))
+
+
+def test_our_implementations_are_selectable_with_capacity_and_biases():
+    """ "moe_grouped" forces the torch grouped path; like "eager" it is exact with drops and expert biases, where
+    transformers' implementations are refused."""
+    from modeling_moe import MoeForCausalLM
+    from tests.conftest import tiny_config
+
+    model = MoeForCausalLM(tiny_config(capacity_factor_eval=0.5, mlp_bias=True)).eval()
+    ids = torch.randint(3, 128, (2, 9))
+    out = model(ids, output_router_logits=True)
+    assert int(out.dropped_tokens.sum()) > 0  # the capacity really drops here
+    model.set_experts_implementation("moe_grouped")
+    torch.testing.assert_close(model(ids).logits, out.logits)
+    with pytest.raises(ValueError, match="experts_implementation"):
+        model.set_experts_implementation("grouped_mm")

@@ -20,15 +20,17 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 LOADER = textwrap.dedent(
     """
     import sys
-    # This environment has torch and transformers but not our package: make any import of it fail,
-    # and drop the repository from the path.
+    # This environment has torch and transformers but not our package (nor the optional triton): make any
+    # import of them fail, and drop the repository from the path.
     sys.modules["modeling_moe"] = None
+    sys.modules["triton"] = None
     import os
     sys.path[:] = [p for p in sys.path if p and os.path.abspath(p) != "{repo}"]
     import json, torch
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
     assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+    assert any(m.endswith(".triton_experts") for m in sys.modules), "triton_experts.py did not travel"
     ids = torch.load(sys.argv[2], weights_only=True)
     with torch.no_grad():
         out = model(ids, output_router_logits=True)
