@@ -1,0 +1,92 @@
+"""Smoke runs of the GPU benchmarks on the CPU (`--device cpu --quick`): they run end to end and print their tables.
+
+These only show that the scripts work; no GPU figure is produced or checked here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(script: str, *args: str, timeout: int = 120) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # so moe_triton is skipped on the CPU
+    env["PYTHONWARNINGS"] = "ignore"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc.stdout
+
+
+def test_gpu_block_benchmark_cpu_smoke(tmp_path):
+    out_json = tmp_path / "block.json"
+    out = _run("bench_gpu_block.py", "--device", "cpu", "--quick", "--json", str(out_json))
+    for text in (
+        "ours vs Mixtral worst rel.err",
+        "-- fwd",
+        "-- fwdbwd",
+        "dense-equal",
+        "ceiling:grouped_mm",
+        "hf:grouped_mm",
+        "hf:eager",
+        "ours:eager",
+        "x dense-equal",
+        "ours best (ours:eager)",
+        "TFLOP/s (fraction of dense-equal throughput), bf16:",
+        "| shape (d, f, E, k, T) | mode | dense-equal |",
+        "ours / hf best",
+        "target >= 0.80",
+        "ours:moe_triton skipped",
+    ):
+        assert text in out, text
+    result = json.loads(out_json.read_text())
+    assert [(r["shape"], r["mode"]) for r in result["results"]] == [("tiny", "fwd"), ("tiny", "fwdbwd")]
+    for row in result["results"]:
+        assert row["ours_best"] == "ours:eager"
+        for name in ("dense-equal", "ceiling:grouped_mm", "hf:grouped_mm", "hf:eager", "ours:eager"):
+            assert row["variants"][name]["error"] is None, (name, row["variants"][name]["error"])
+            assert row["variants"][name]["median_ms"] > 0
+        errs = row["check_rel_err"]["eager"]
+        assert set(errs) == {"grouped_mm", "eager"} and max(max(e.values()) for e in errs.values()) < 3e-2
+
+
+def test_gpu_model_benchmark_cpu_smoke(tmp_path):
+    out_json = tmp_path / "model.json"
+    out = _run("bench_gpu_model.py", "--device", "cpu", "--quick", "--no-compile", "--json", str(out_json))
+    for text in (
+        "ours == Mixtral logits: fp32 rel.err",
+        "=== training step (fwd+bwd+AdamW)",
+        "peak memory n/a",
+        "=== greedy decoding: batch 1",
+        "=== greedy decoding: batch 4",
+        "ours:eager static (no compile)",
+        "ours:eager dynamic",
+        "mixtral:grouped_mm dynamic",
+        "mixtral:eager dynamic",
+        "mixtral:grouped_mm static (no compile)",
+        "mixtral:eager static (no compile)",
+        "target >= 2.0x at no more peak memory",
+        "target >= 10x",
+        "| variant | tokens/s | MFU | peak memory | ms/step |",
+        "| variant | new tok/s | ms |",
+    ):
+        assert text in out, text
+    result = json.loads(out_json.read_text())
+    assert result["logits_check"]["fp32_rel_err"] <= 1e-4
+    assert [r["variant"] for r in result["train"]["rows"]] == ["ours:eager", "mixtral:grouped_mm", "mixtral:eager"]
+    assert all(r["error"] is None and r["tok_s"] > 0 and r["peak_mem_gb"] is None for r in result["train"]["rows"])
+    for batch in ("1", "4"):
+        rows = result["decode"]["batches"][batch]["rows"]
+        assert len(rows) == 6 and all(r["error"] is None and r["tok_s"] > 0 for r in rows), rows
+        assert result["decode"]["batches"][batch]["reference_tokens"] == "mixtral:grouped_mm dynamic"
