@@ -16,9 +16,11 @@ Variants, each timed forward (no_grad) and forward+backward, bf16 by default:
                          scatter or weighting (the anchors' "ceiling"). Only where grouped_mm runs on the device.
     hf:grouped_mm        transformers' MixtralSparseMoeBlock, experts_implementation "grouped_mm"
     hf:eager             ... experts_implementation "eager"
-    ours:eager           our MoeSparseBlock with our grouped experts (our default implementation)
-    ours:moe_triton      ... with the Triton experts of `modeling_moe.triton_experts`, when that module and triton
-                         import and the device is CUDA (otherwise skipped with a note)
+    ours:<impl>          our MoeSparseBlock under each of our experts implementations
+                         (`modeling_moe.experts.OUR_EXPERTS_IMPLEMENTATIONS`): "eager" (our default: it picks the
+                         fastest exact path itself), "moe_grouped" (the torch grouped path), and "moe_triton" (the
+                         Triton kernels; only where `modeling_moe.triton_experts` and triton import and the device
+                         is CUDA, otherwise skipped with a note)
 
 Our block holds a copy of the Mixtral block's weights (its router weight is Mixtral's `gate.weight`), so both
 route identically. Before timing, each of our implementations is checked against every transformers
@@ -166,33 +168,39 @@ def round_ratio(num: Timing, den: Timing) -> float:
 def our_impls(device: torch.device, requested: list[str] | None) -> tuple[list[str], list[str]]:
     """Our experts implementations to run, and notes on those left out.
 
-    Default: "eager" (our grouped implementation), plus "moe_triton" when `modeling_moe.triton_experts` and
-    triton import and the device is CUDA (or triton's CPU interpreter is on: TRITON_INTERPRET=1, slow).
+    Default: every name of `modeling_moe.experts.OUR_EXPERTS_IMPLEMENTATIONS` (e.g. "eager", our default, which
+    picks the fastest exact path itself; "moe_grouped", the torch grouped path; "moe_triton", the Triton kernels),
+    or just "eager" where the library has no such list. "moe_triton" runs only when `modeling_moe.triton_experts`
+    and triton import and the device is CUDA (or triton's CPU interpreter is on: TRITON_INTERPRET=1, slow);
+    any other name only when it is registered with transformers' experts interface.
     """
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    try:
+        from modeling_moe.experts import OUR_EXPERTS_IMPLEMENTATIONS as known
+    except ImportError:
+        known = ("eager", "moe_triton")
+    impls = list(requested) if requested else list(known)
     notes: list[str] = []
-    impls = list(requested) if requested else ["eager"]
-    triton_wanted = requested is None or "moe_triton" in requested
-    if triton_wanted:
+    keep: list[str] = []
+    for impl in impls:
         why = None
-        try:
-            import triton  # noqa: F401
+        if impl == "moe_triton":
+            try:
+                import triton  # noqa: F401
 
-            import modeling_moe.triton_experts  # noqa: F401  (registers "moe_triton")
-        except Exception as err:
-            why = f"not importable ({_error_text(err)})"
-        if why is None and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            why = f"Triton kernels need a CUDA device (or TRITON_INTERPRET=1), not {device.type}"
+                import modeling_moe.triton_experts  # noqa: F401  (registers "moe_triton")
+            except Exception as err:
+                why = f"not importable ({_error_text(err)})"
+            if why is None and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+                why = f"Triton kernels need a CUDA device (or TRITON_INTERPRET=1), not {device.type}"
+        if why is None and impl != "eager" and impl not in ALL_EXPERTS_FUNCTIONS:
+            why = f"no experts implementation {impl!r} is registered"
         if why is None:
-            from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
-
-            if "moe_triton" not in ALL_EXPERTS_FUNCTIONS:
-                why = "modeling_moe.triton_experts registered no 'moe_triton' implementation"
-        if why is None and "moe_triton" not in impls:
-            impls.append("moe_triton")
-        elif why is not None:
-            impls = [i for i in impls if i != "moe_triton"]
-            notes.append(f"ours:moe_triton skipped: {why}")
-    return impls, notes
+            keep.append(impl)
+        else:
+            notes.append(f"ours:{impl} skipped: {why}")
+    return keep, notes
 
 
 def grouped_mm_unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
@@ -510,7 +518,7 @@ def summary_table(rows: list[dict[str, Any]], dtype: str) -> str:
             elif v["error"]:
                 cells.append("error" if not v["error"].startswith("MISMATCH") else "mismatch")
             else:
-                cells.append(f"{v['tflops']:.1f} ({v['frac_dense']:.2f})")
+                cells.append(f"{v['tflops']:.3g} ({v['frac_dense']:.2f})")
         met = "-" if r["meets_target"] is None else ("met" if r["meets_target"] else "**missed**")
         body.append(
             [
@@ -533,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--hf-impls", nargs="+", default=list(HF_IMPLS), help="transformers experts implementations")
     parser.add_argument(
-        "--ours-impls", nargs="+", default=None, help="our experts implementations (default: eager, + moe_triton)"
+        "--ours-impls", nargs="+", default=None, help="our experts implementations (default: all of ours that run here)"
     )
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (default: 5)")
     parser.add_argument("--iters", type=int, default=10, help="calls per timed block (default: 10)")
@@ -628,7 +636,15 @@ def main(argv: list[str] | None = None) -> int:
         shapes = {name: asdict(SHAPES[name]) for name in args.shapes}
         save_json(
             args.json,
-            {"env": env, "args": vars(args), "shapes": shapes, "notes": notes, "results": rows, "failed": failures},
+            {
+                "env": env,
+                "args": vars(args),
+                "shapes": shapes,
+                "notes": notes,
+                "ours_impls": ours_impls,
+                "results": rows,
+                "failed": failures,
+            },
         )
     if any(name.startswith("ours:") for failed in failures.values() for name in failed):
         print("FAILED: an implementation of ours disagrees with transformers' Mixtral or raised (see above)")

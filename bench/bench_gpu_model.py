@@ -19,8 +19,9 @@ SDPA attention, untied embeddings: about 0.93B parameters in total, 0.30B active
 MFU counts 6 x active non-embedding parameters + 6 x layers x hidden x sequence (attention) FLOPs per token,
 against 989 TFLOP/s (H100 dense bf16; `--peak-tflops`).
 
-Our implementations: "eager" (our grouped experts, our default), plus "moe_triton" when
-`modeling_moe.triton_experts` and triton import and the device is CUDA (otherwise skipped with a note).
+Our implementations: each of `modeling_moe.experts.OUR_EXPERTS_IMPLEMENTATIONS` ("eager", our default, which
+picks the fastest exact path itself; "moe_grouped"; "moe_triton" only where `modeling_moe.triton_experts` and
+triton import and the device is CUDA, otherwise skipped with a note). Ours' figure is our fastest variant.
 
 Before timing, our logits must match Mixtral's on the same weights: in fp32 to a relative max error of 1e-4, and
 in bf16 at >= 90% of positions to 3e-2 (a random-init bf16 model has routing near-ties: a token whose top-k flips
@@ -460,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=8, help="training batch size")
     parser.add_argument("--seq", type=int, default=2048, help="training sequence length")
     parser.add_argument("--hf-impls", nargs="+", default=list(HF_IMPLS), help="Mixtral experts implementations")
-    parser.add_argument("--ours-impls", nargs="+", default=None, help="ours (default: eager, + moe_triton)")
+    parser.add_argument("--ours-impls", nargs="+", default=None, help="ours (default: all of ours that run here)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed training steps per variant")
     parser.add_argument("--train-iters", type=int, default=5, help="training steps per timed block")
     parser.add_argument("--rounds", type=int, default=3, help="timed training blocks per variant")
@@ -513,6 +514,7 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     result: dict[str, Any] = {"env": env, "args": vars(args), "notes": notes, "logits_check": check}
+    result["ours_impls"] = ours_impls
     if not args.skip_train:
         result["train"] = run_training(state, args, dtype, device, ours_impls)
     if not args.skip_decode:
