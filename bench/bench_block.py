@@ -11,6 +11,10 @@ All variants are timed in the same process, interleaved round by round (see `ben
                          routing. It is the denominator of every ratio ("x dense-equal").
     dense:chunked1024    the same dense FFN applied to 1024-token chunks, for information: on the CPU it is
                          cheaper than the plain dense FFN because its intermediates stay in cache.
+    ceiling:presorted    the expert GEMMs alone, for information: tokens already sorted into one contiguous
+                         chunk per expert, separate weight tensors, no routing, gather, scatter or weighting (the
+                         CPU counterpart of the anchors' bare grouped GEMM on pre-sorted tokens). Any
+                         implementation of the layer that runs one GEMM pair per expert costs at least this.
 
 Both MoE blocks hold the same weights (the router weight is Mixtral's `gate.weight`; expert tensors have the
 same names and layout). Before anything is timed, our output (and, for forward+backward, our input and weight
@@ -179,6 +183,44 @@ def forward_fns(blocks: Blocks, impls: tuple[str, ...]) -> dict[str, tuple[torch
     return fns
 
 
+def ceiling_variant(blocks: Blocks, x: torch.Tensor, mode: str) -> Any:
+    """The "ceiling:presorted" callable: SwiGLU GEMMs per expert on its pre-sorted, contiguous tokens (routing
+    taken from the block's router once, outside the timing), with a backward into per-expert leaf tensors."""
+    D = x.shape[-1]
+    experts = blocks.ours.experts
+    I = experts.intermediate_dim
+    backward = mode == "fwdbwd"
+    with torch.no_grad():
+        indices = blocks.hf.gate(x.reshape(-1, D))[2]  # (T, K)
+        counts = torch.bincount(indices.reshape(-1), minlength=experts.num_experts).tolist()
+        order = torch.argsort(indices.reshape(-1), stable=True)
+        x_sorted = x.reshape(-1, D).index_select(0, order // indices.shape[1])
+    leaf = lambda t: t.detach().clone().requires_grad_(backward)  # noqa: E731
+    chunks = [leaf(c) for c in x_sorted.split(counts)]
+    w1 = [leaf(experts.gate_up_proj[e]) for e in range(experts.num_experts)]
+    w2 = [leaf(experts.down_proj[e]) for e in range(experts.num_experts)]
+    grads = [torch.randn(c.shape[0], D, device=x.device, dtype=x.dtype) for c in chunks]
+    work = [(e, c, g) for e, (c, g) in enumerate(zip(chunks, grads)) if c.shape[0]]
+
+    def run() -> list[torch.Tensor]:
+        outs = []
+        for e, c, _ in work:
+            gate_up = torch.nn.functional.linear(c, w1[e])
+            outs.append(torch.nn.functional.linear(torch.nn.functional.silu(gate_up[:, :I]) * gate_up[:, I:], w2[e]))
+        return outs
+
+    def call() -> None:
+        if not backward:
+            with torch.no_grad():
+                run()
+            return
+        for t in (*chunks, *w1, *w2):
+            t.grad = None
+        torch.autograd.backward(run(), [g for _, _, g in work])
+
+    return call
+
+
 # ---------------------------------------------------------------------------------------------- correctness
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
@@ -253,6 +295,7 @@ def timed_variants(blocks: Blocks, impls: tuple[str, ...], x: torch.Tensor, mode
                 fn(xg).backward(grad_out)
 
         variants[name] = call
+    variants["ceiling:presorted"] = ceiling_variant(blocks, x, mode)
     return variants
 
 
@@ -268,6 +311,7 @@ def summarise(shape_name: str, dtype: str, mode: str, res: dict[str, Timing]) ->
         "hf_best": hf_best.name if hf_best else None,
         "ours_over_dense": ratio(ours, dense),
         "ours_over_dense_chunked": ratio(ours, chunked),
+        "ceiling_over_dense": ratio(res["ceiling:presorted"], dense),
         "hf_best_over_dense": ratio(hf_best, dense) if hf_best else (float("nan"),) * 3,
         "ours_over_hf_best": ratio(ours, hf_best) if hf_best else (float("nan"),) * 3,
         "target_ours_over_dense": target(shape_name, dtype, mode),
@@ -293,7 +337,8 @@ def print_cell(row: dict[str, Any], flops: float) -> None:
     print(f"    ours / dense-equal          {fmt_ratio(row['ours_over_dense'])}{verdict}")
     print(f"    {row['hf_best'] or 'hf'} / dense-equal  {fmt_ratio(row['hf_best_over_dense'])}")
     print(f"    ours / {row['hf_best'] or 'hf'}         {fmt_ratio(row['ours_over_hf_best'])}")
-    print(f"    ours / dense:chunked1024    {fmt_ratio(row['ours_over_dense_chunked'])}", flush=True)
+    print(f"    ours / dense:chunked1024    {fmt_ratio(row['ours_over_dense_chunked'])}")
+    print(f"    ceiling:presorted / dense   {fmt_ratio(row['ceiling_over_dense'])}", flush=True)
 
 
 def summary_table(rows: list[dict[str, Any]]) -> str:
@@ -308,6 +353,7 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
         "ours / dense",
         "hf best / dense",
         "ours / hf best",
+        "ceiling / dense",
         "target",
     ]
     body = []
@@ -327,6 +373,7 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
                 f"{r['ours_over_dense'][0]:.2f}",
                 f"{r['hf_best_over_dense'][0]:.2f}",
                 f"{r['ours_over_hf_best'][0]:.2f}",
+                f"{r['ceiling_over_dense'][0]:.2f}",
                 verdict,
             ]
         )
