@@ -23,61 +23,70 @@ from .triton_experts import is_silu, triton_available, triton_experts_forward
 
 
 class GroupedExperts(torch.autograd.Function):
-    """SwiGLU experts on the assignments of expert-sorted order, gather and scatter included, with a hand-written
-    backward.
+    """SwiGLU experts on the assignments of expert-sorted order, gather, weighting and combine included, with a
+    hand-written backward.
 
     For each expert e, its n_e assignments gather their token rows, run gate/up -> SwiGLU -> down as two GEMMs,
-    and land in their (token, choice) slot of the (T*K, D) output. There is no (N, D) or (N, 2I) buffer: on the
-    CPU a buffer above glibc's mmap threshold (32 MiB at most) goes back to the OS on every free and page-faults
-    on every call. The backward writes each expert's weight gradient once (autograd through `W[e]` would
-    allocate a full (E, 2I, D) zero gradient per expert it touches) and returns the input gradient through the
-    same slots, summed over the k choices: no `index_add_` anywhere.
+    and their outputs, times their routing weights, are added into their tokens' rows of the (T, D) output.
+    Nothing of size (T*K, D), (N, D) or (N, 2I) is allocated: on the CPU a buffer above glibc's mmap threshold
+    (32 MiB at most) goes back to the OS on every free and page-faults on every call, and the (T, D) output stays
+    in cache. The backward writes each expert's weight gradient once (autograd through `W[e]` would allocate a
+    full (E, 2I, D) zero gradient per expert it touches) and adds the input gradient into (T, D) the same way.
 
     Inputs: x_TD (T, D); gate_up_EHD (E, 2I, D); down_EDI (E, D, I); optional biases gate_up_bias_EH (E, 2I) and
-    down_bias_ED (E, D) (or None); order_N: the routed (token, choice) slots t*K + k, sorted by expert; counts:
-    assignments per expert (python ints, sum N); K. Output: slots (T*K, D), the unweighted expert outputs,
-    zero in dropped slots. Saved for the backward: each expert's (n_e, 2I) gate/up activations, as autograd
-    would; SiLU and the product are recomputed.
+    down_bias_ED (E, D) (or None); weights_TK (T, K) routing weights (float32 from the router); order_N: the
+    routed (token, choice) slots t*K + k, sorted by expert; counts: assignments per expert (python ints, sum N);
+    K. Output: y_TD (T, D) = sum_k weights_TK[t, k] * expert(x_TD[t]), accumulated in float32 for 16-bit inputs
+    (one rounding per token, as a weighted sum in one GEMM would). Saved for the backward: each expert's
+    (n_e, 2I) gate/up activations, as autograd would; SiLU and the product are recomputed. The routing weights'
+    gradient dL/dw = <dL/dy_t, expert(x_t)> = <dL/dy_t W2, h> (+ <dL/dy_t, b2>) reuses the backward's dh GEMM.
     """
 
     @staticmethod
-    def forward(ctx, x_TD, gate_up_EHD, down_EDI, gate_up_bias_EH, down_bias_ED, order_N, counts, K):
+    def forward(ctx, x_TD, gate_up_EHD, down_EDI, gate_up_bias_EH, down_bias_ED, weights_TK, order_N, counts, K):
         T, D = x_TD.shape
-        I = down_EDI.shape[-1]
-        N = order_N.shape[0]
-        slots = x_TD.new_zeros(T * K, D) if N < T * K else x_TD.new_empty(T * K, D)
+        acc_dtype = torch.promote_types(x_TD.dtype, weights_TK.dtype)  # float32 for 16-bit x and router weights
+        y_TD = torch.zeros(T, D, dtype=acc_dtype, device=x_TD.device)
         token_N = order_N // K
-        keep = any(ctx.needs_input_grad[:5])  # without a backward, SwiGLU runs in place on gu
+        weight_N1 = weights_TK.reshape(-1).index_select(0, order_N).unsqueeze(-1)  # (N, 1)
+        keep = any(ctx.needs_input_grad[:6])  # without a backward, SwiGLU runs in place on gu
+        I = down_EDI.shape[-1]
         gu_per_expert = []
         start = 0
         for e, n in enumerate(counts):
             if n == 0:
                 continue
             end = start + n
-            x_nD = x_TD.index_select(0, token_N[start:end])
+            tokens = token_N[start:end]
+            x_nD = x_TD.index_select(0, tokens)
             b1, b2 = _bias(gate_up_bias_EH, e), _bias(down_bias_ED, e)
             gu = F.linear(x_nD, gate_up_EHD[e], b1)  # (n, 2I); F.linear beats mm(x, W.t()) by ~25% in CPU bf16
             h = F.silu(gu[:, :I], inplace=not keep).mul_(gu[:, I:])  # SwiGLU (Shazeer 2020, Eq. 6), (n, I)
             y = F.linear(h, down_EDI[e], b2)  # (n, D)
-            slots.index_copy_(0, order_N[start:end], y)
+            w = weight_N1[start:end]
+            # combine: y_t += w_tk * expert(x_t) (Shazeer et al. 2017, Eq. 1); the product promotes 16-bit y
+            y_TD.index_add_(0, tokens, y.mul_(w) if y.dtype == acc_dtype else y * w)
             if keep:
                 gu_per_expert.append(gu)
             start = end
-        ctx.save_for_backward(x_TD, gate_up_EHD, down_EDI, order_N, *gu_per_expert)
+        ctx.save_for_backward(x_TD, gate_up_EHD, down_EDI, down_bias_ED, weight_N1, order_N, *gu_per_expert)
         ctx.counts, ctx.K = counts, K
-        return slots
+        return y_TD.to(x_TD.dtype)
 
     @staticmethod
-    def backward(ctx, dslots):
-        x_TD, gate_up_EHD, down_EDI, order_N, *gu_per_expert = ctx.saved_tensors
+    def backward(ctx, dy_TD):
+        x_TD, gate_up_EHD, down_EDI, down_bias_ED, weight_N1, order_N, *gu_per_expert = ctx.saved_tensors
         K, (T, D) = ctx.K, x_TD.shape
         I = down_EDI.shape[-1]
-        need_x, need_w1, need_w2, need_b1, need_b2 = ctx.needs_input_grad[:5]
-        dx_slots = x_TD.new_zeros(T * K, D) if need_x else None
+        need_x, need_w1, need_w2, need_b1, need_b2, need_weights = ctx.needs_input_grad[:6]
+        acc_dtype = torch.promote_types(x_TD.dtype, torch.float32)
+        dx_TD = torch.zeros(T, D, dtype=acc_dtype, device=x_TD.device) if need_x else None
         dw1 = torch.empty_like(gate_up_EHD) if need_w1 else None
         dw2 = torch.empty_like(down_EDI) if need_w2 else None
         db1 = gate_up_EHD.new_zeros(gate_up_EHD.shape[:2]) if need_b1 else None  # (E, 2I)
         db2 = down_EDI.new_zeros(down_EDI.shape[:2]) if need_b2 else None  # (E, D)
+        dweight_N = weight_N1.new_zeros(T * K) if need_weights else None  # dropped assignments: 0
+        dy_TD = dy_TD.contiguous()
         token_N = order_N // K
         gu_iter = iter(gu_per_expert)
         start = 0
@@ -89,30 +98,41 @@ class GroupedExperts(torch.autograd.Function):
                     dw2[e].zero_()
                 continue
             end = start + n
-            rows = order_N[start:end]
+            tokens = token_N[start:end]
             gu = next(gu_iter)  # (n, 2I)
             gate, up = gu[:, :I], gu[:, I:]
             sig = torch.sigmoid(gate)
             act = gate * sig  # silu(gate)
-            dy = dslots.index_select(0, rows)  # (n, D)
+            h = act * up  # (n, I)
+            dy = dy_TD.index_select(0, tokens)  # (n, D): dL/d(expert output), before the routing weight
+            dh = torch.mm(dy, down_EDI[e])  # (n, I)
+            if need_weights:  # dL/dw = <dy, h W2^T + b2> = <dy W2, h> + <dy, b2>
+                dweight = torch.linalg.vecdot(dh, h).float()
+                if down_bias_ED is not None:
+                    dweight += torch.mv(dy, down_bias_ED[e]).float()
+                dweight_N.index_copy_(0, order_N[start:end], dweight.to(dweight_N.dtype))
+            w = weight_N1[start:end].to(dy.dtype)
+            dy.mul_(w)  # through the routing weight
+            dh.mul_(w)
             if need_w2:
-                torch.mm(dy.t(), act * up, out=dw2[e])  # dL/dW2 = dy^T h
+                torch.mm(dy.t(), h, out=dw2[e])  # dL/dW2 = dy^T h
             if need_b2:
                 torch.sum(dy, dim=0, out=db2[e])
-            dh = torch.mm(dy, down_EDI[e])  # (n, I)
             dgu = torch.empty_like(gu)
             # d gate = dh * up * silu'(g), silu'(g) = s (1 + g (1 - s)) = s (1 + g - silu(g)); in place, no temporaries
             torch.sub(gate, act, out=dgu[:, :I]).add_(1).mul_(sig).mul_(up).mul_(dh)
             torch.mul(dh, act, out=dgu[:, I:])
             if need_w1:
-                torch.mm(dgu.t(), x_TD.index_select(0, token_N[start:end]), out=dw1[e])  # dL/dW1 = dgu^T x
+                torch.mm(dgu.t(), x_TD.index_select(0, tokens), out=dw1[e])  # dL/dW1 = dgu^T x
             if need_b1:
                 torch.sum(dgu, dim=0, out=db1[e])
-            if need_x:
-                dx_slots.index_copy_(0, rows, torch.mm(dgu, gate_up_EHD[e]))  # dL/dx = dgu W1, per slot
+            if need_x:  # dL/dx = dgu W1, summed over the token's k assignments
+                dx = torch.mm(dgu, gate_up_EHD[e])
+                dx_TD.index_add_(0, tokens, dx if dx.dtype == acc_dtype else dx.to(acc_dtype))
             start = end
-        dx_TD = dx_slots.view(T, K, D).sum(dim=1) if need_x else None
-        return dx_TD, dw1, dw2, db1, db2, None, None, None
+        dx_TD = dx_TD.to(x_TD.dtype) if need_x else None
+        dweights = dweight_N.view(T, K) if need_weights else None
+        return dx_TD, dw1, dw2, db1, db2, dweights, None, None, None
 
 
 def _bias(bias, e):
@@ -301,11 +321,9 @@ def grouped_experts_forward(
     n_routed = sum(counts)
     order_N = order_N[:n_routed]  # dropped assignments sorted last: cut them
     if is_silu(act_fn):
-        slots = GroupedExperts.apply(x_TD, gate_up_proj_EHD, down_proj_EDI, *biases, order_N, counts, K)
-    else:
-        slots = _grouped_autograd(x_TD, gate_up_proj_EHD, down_proj_EDI, *biases, order_N, counts, K, act_fn)
-    # Combine: each token's k slot outputs weighted and summed in one batched matmul, (T, 1, K) @ (T, K, D). No
-    # scatter-add: deterministic, one rounding per token in low precision, no atomics or thread contention.
+        return GroupedExperts.apply(x_TD, gate_up_proj_EHD, down_proj_EDI, *biases, weights_TK, order_N, counts, K)
+    slots = _grouped_autograd(x_TD, gate_up_proj_EHD, down_proj_EDI, *biases, order_N, counts, K, act_fn)
+    # Combine: each token's k slot outputs weighted and summed in one batched matmul, (T, 1, K) @ (T, K, D)
     T, D = x_TD.shape
     return torch.bmm(weights_TK.to(slots.dtype).unsqueeze(1), slots.view(T, K, D)).squeeze(1)
 

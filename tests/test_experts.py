@@ -77,16 +77,19 @@ def test_fused_swiglu_backward_passes_gradcheck(bias):
     counts = [3, 0, 4]  # an expert with no tokens must get an exact zero gradient
     # 7 tokens, K = 2: 14 slots, 7 of them routed (expert 0 takes slots 0, 3, 5; expert 2 takes 1, 8, 10, 13)
     order = torch.tensor([0, 3, 5, 1, 8, 10, 13])
-    inputs = tuple(t for t in (x, w1, w2, b1, b2) if t is not None)
+    weights = torch.rand(7, 2, dtype=torch.float64, requires_grad=True)  # the 7 unrouted ones get a zero gradient
+    inputs = tuple(t for t in (x, w1, w2, weights, b1, b2) if t is not None)
 
     def fn(*args):
-        a, b, c = args[:3]
-        d, e = args[3:] if bias else (None, None)
-        return GroupedExperts.apply(a, b, c, d, e, order, counts, 2)
+        a, b, c, w = args[:4]
+        d, e = args[4:] if bias else (None, None)
+        return GroupedExperts.apply(a, b, c, d, e, w, order, counts, 2)
 
     assert torch.autograd.gradcheck(fn, inputs)
     fn(*inputs).sum().backward()
     assert torch.equal(w1.grad[1], torch.zeros_like(w1.grad[1])) and torch.equal(w2.grad[1], torch.zeros(5, 4).double())
+    unrouted = torch.ones(14, dtype=torch.bool).index_fill(0, order, False).view(7, 2)
+    assert torch.equal(weights.grad[unrouted], torch.zeros(7).double())
     if bias:
         assert torch.equal(b1.grad[1], torch.zeros(8).double()) and torch.equal(b2.grad[1], torch.zeros(5).double())
 
