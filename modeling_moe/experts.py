@@ -196,15 +196,15 @@ def _few_token_loop(
     E = gate_up_proj_EHD.shape[0]
     I = down_proj_EDI.shape[-1]
     y_TD = torch.zeros_like(x_TD)
-    weights = weights_TK.to(x_TD.dtype)
-    for t, experts in enumerate(indices_TK.tolist()):
-        x_1D = x_TD[t : t + 1]
-        for k, e in enumerate(experts):
+    # One host read of the routing; the weights as python floats, so each assignment costs ~7 small ops
+    for t, (experts, weights) in enumerate(zip(indices_TK.tolist(), weights_TK.tolist())):
+        x_1D, y_1D = x_TD[t : t + 1], y_TD[t : t + 1]
+        for e, w in zip(experts, weights):
             if e == E:
                 continue
             gate_up = F.linear(x_1D, gate_up_proj_EHD[e], _bias(gate_up_bias_EH, e))  # (1, 2I)
-            h = act_fn(gate_up[:, :I]) * gate_up[:, I:]  # SwiGLU
-            y_TD[t : t + 1] += weights[t, k] * F.linear(h, down_proj_EDI[e], _bias(down_bias_ED, e))
+            h = act_fn(gate_up[:, :I]).mul_(gate_up[:, I:])  # SwiGLU
+            y_1D.add_(F.linear(h, down_proj_EDI[e], _bias(down_bias_ED, e)), alpha=w)
     return y_TD
 
 

@@ -1,6 +1,7 @@
-"""Smoke runs of the GPU benchmarks on the CPU (`--device cpu --quick`): they run end to end and print their tables.
+"""Smoke runs of the benchmarks on the CPU (`--quick`): they run end to end, check ours against transformers before
+timing, and print their tables. The GPU scripts run with `--device cpu`.
 
-These only show that the scripts work; no GPU figure is produced or checked here.
+These only show that the scripts work; no figure is checked here (timings are never asserted in tests).
 """
 
 from __future__ import annotations
@@ -97,3 +98,22 @@ def test_gpu_model_benchmark_cpu_smoke(tmp_path):
         assert len(rows) == 2 * len(ours) + 4 and all(r["error"] is None and r["tok_s"] > 0 for r in rows), rows
         assert all(r["compiled"] is False for r in rows if "static" in r["variant"])  # --no-compile
         assert result["decode"]["batches"][batch]["reference_tokens"] == "mixtral:grouped_mm dynamic"
+
+
+def test_cpu_block_benchmark_smoke(tmp_path):
+    out_json = tmp_path / "block.json"
+    out = _run("bench_block.py", "--quick", "--wait-quiet", "0", "--json", str(out_json), timeout=300)
+    for text in ("ours / dense-equal", "ceiling:presorted / dense", "| tiny (256, 704, 8, 2, 2048) | fp32 | fwd |"):
+        assert text in out, text
+    rows = json.loads(out_json.read_text())["results"]
+    assert {(r["dtype"], r["mode"]) for r in rows} == {(d, m) for d in ("fp32", "bf16") for m in ("fwd", "fwdbwd")}
+
+
+def test_cpu_model_benchmark_smoke(tmp_path):
+    out_json = tmp_path / "model.json"
+    small = ("--layers", "2", "--hidden", "64", "--ffn", "96", "--vocab", "256", "--no-gen-compile")
+    out = _run("bench_model.py", "--quick", "--wait-quiet", "0", *small, "--json", str(out_json), timeout=300)
+    for text in ("training step (fwd+bwd+AdamW)", "ours vs fastest Mixtral", "greedy continuation identical"):
+        assert text in out, text
+    result = json.loads(out_json.read_text())
+    assert all(result["gen"]["same_continuation"].values()), result["gen"]["same_continuation"]
