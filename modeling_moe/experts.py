@@ -195,8 +195,9 @@ def _few_token_loop(
 ):
     E = gate_up_proj_EHD.shape[0]
     I = down_proj_EDI.shape[-1]
-    y_TD = torch.zeros_like(x_TD)
-    # One host read of the routing; the weights as python floats, so each assignment costs ~7 small ops
+    y_TD = torch.zeros(x_TD.shape, dtype=torch.promote_types(x_TD.dtype, torch.float32), device=x_TD.device)
+    # One host read of the routing; the weights as python floats, so each assignment costs ~7 small ops. The sum
+    # over k accumulates in float32 for 16-bit inputs, as the grouped path does (one rounding per token).
     for t, (experts, weights) in enumerate(zip(indices_TK.tolist(), weights_TK.tolist())):
         x_1D, y_1D = x_TD[t : t + 1], y_TD[t : t + 1]
         for e, w in zip(experts, weights):
@@ -205,7 +206,7 @@ def _few_token_loop(
             gate_up = F.linear(x_1D, gate_up_proj_EHD[e], _bias(gate_up_bias_EH, e))  # (1, 2I)
             h = act_fn(gate_up[:, :I]).mul_(gate_up[:, I:])  # SwiGLU
             y_1D.add_(F.linear(h, down_proj_EDI[e], _bias(down_bias_ED, e)), alpha=w)
-    return y_TD
+    return y_TD.to(x_TD.dtype)
 
 
 def _few_token_swiglu(x_TD, gate_up_proj_EHD, down_proj_EDI, indices_TK, weights_TK, gate_up_bias_EH, down_bias_ED):
