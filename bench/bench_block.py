@@ -112,10 +112,10 @@ class Blocks:
     dense: torch.nn.Module
 
 
-def build_blocks(shape: Shape, dtype: torch.dtype, device: torch.device, seed: int, router_std: float) -> Blocks:
-    """Mixtral block with initialised weights, our block with a copy of them, and the dense-equal FFN."""
-    from transformers import MistralConfig, MixtralConfig
-    from transformers.models.mistral.modeling_mistral import MistralMLP
+def build_moe_pair(shape: Shape, dtype: torch.dtype, device: torch.device, seed: int, router_std: float):
+    """transformers' Mixtral block with initialised weights and our block with a copy of them, built on `device`
+    in training mode: (hf, hf_config, ours, ours_config). Shared with bench_gpu_block.py."""
+    from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
     from modeling_moe import MoeConfig
@@ -132,12 +132,6 @@ def build_blocks(shape: Shape, dtype: torch.dtype, device: torch.device, seed: i
         hidden_act="silu",
         experts_implementation="eager",
     )
-    hf = MixtralSparseMoeBlock(hf_config)
-    with torch.no_grad():  # MixtralExperts parameters are torch.empty: garbage or denormals would skew timings
-        hf.gate.weight.normal_(0.0, router_std)
-        hf.experts.gate_up_proj.normal_(0.0, d**-0.5)
-        hf.experts.down_proj.normal_(0.0, f**-0.5)
-
     ours_config = MoeConfig(
         hidden_size=d,
         intermediate_size=f,
@@ -148,18 +142,32 @@ def build_blocks(shape: Shape, dtype: torch.dtype, device: torch.device, seed: i
         num_attention_heads=1,
         hidden_act="silu",
     )
-    ours_config._experts_implementation = "eager"  # our own kernel, as MoeForCausalLM resolves it by default
-    ours = MoeSparseBlock(ours_config)
+    ours_config._experts_implementation = "eager"  # our own dispatch, as MoeForCausalLM resolves it by default
+    with torch.device(device):
+        hf = MixtralSparseMoeBlock(hf_config).to(dtype)
+        with torch.no_grad():  # MixtralExperts parameters are torch.empty: garbage or denormals would skew timings
+            hf.gate.weight.normal_(0.0, router_std)
+            hf.experts.gate_up_proj.normal_(0.0, d**-0.5)
+            hf.experts.down_proj.normal_(0.0, f**-0.5)
+        ours = MoeSparseBlock(ours_config).to(dtype)
     state = {name.replace("gate.weight", "router.weight"): t for name, t in hf.state_dict().items()}
     ours.load_state_dict(state, strict=True)
+    return hf.train(), hf_config, ours.train(), ours_config
 
+
+def build_blocks(shape: Shape, dtype: torch.dtype, device: torch.device, seed: int, router_std: float) -> Blocks:
+    """Mixtral block with initialised weights, our block with a copy of them, and the dense-equal FFN."""
+    from transformers import MistralConfig
+    from transformers.models.mistral.modeling_mistral import MistralMLP
+
+    hf, hf_config, ours, _ = build_moe_pair(shape, dtype, device, seed, router_std)
+    d, f, k = shape.d, shape.f, shape.k
     dense = MistralMLP(MistralConfig(hidden_size=d, intermediate_size=k * f, hidden_act="silu"))
     with torch.no_grad():
         dense.gate_proj.weight.normal_(0.0, d**-0.5)
         dense.up_proj.weight.normal_(0.0, d**-0.5)
         dense.down_proj.weight.normal_(0.0, (k * f) ** -0.5)
-    modules = [m.to(device=device, dtype=dtype).train() for m in (ours, hf, dense)]
-    return Blocks(ours=modules[0], hf=modules[1], hf_config=hf_config, dense=modules[2])
+    return Blocks(ours=ours, hf=hf, hf_config=hf_config, dense=dense.to(device=device, dtype=dtype).train())
 
 
 def forward_fns(blocks: Blocks, impls: tuple[str, ...]) -> dict[str, tuple[torch.nn.Module, Any]]:

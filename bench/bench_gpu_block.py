@@ -61,6 +61,7 @@ import torch.nn.functional as F
 if __package__ in (None, ""):  # run as a script (python bench/bench_gpu_block.py): make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.bench_block import Shape, build_moe_pair
 from bench.common import DTYPES, Timing, dtype_name, dtype_supported, env_info, markdown_table, save_json, sync
 
 TARGET = 0.80  # issue 7: our block >= 0.80 of dense-equal throughput
@@ -69,21 +70,6 @@ HF_IMPLS = ("grouped_mm", "eager")
 MODES = ("fwd", "fwdbwd")
 DENSE = "dense-equal"
 CEILING = "ceiling:grouped_mm"
-
-
-@dataclass(frozen=True)
-class Shape:
-    """Hidden size d, expert intermediate size f, E experts, top-k, T tokens."""
-
-    d: int
-    f: int
-    E: int
-    k: int
-    T: int
-
-    def fwd_flops(self) -> float:
-        """Expert (= dense-equal) FLOPs of one forward pass: 2 * T * k * 3 * d * f."""
-        return 2.0 * self.T * self.k * 3 * self.d * self.f
 
 
 SHAPES: dict[str, Shape] = {
@@ -248,48 +234,14 @@ class Modules:
 
 def build(shape: Shape, dtype: torch.dtype, device: torch.device, seed: int, router_std: float) -> Modules:
     """Mixtral block (initialised on the device), our block with a copy of its weights, and the dense-equal FFN."""
-    from transformers import MixtralConfig
-    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
-
-    from modeling_moe import MoeConfig
-    from modeling_moe.modeling_moe import MoeSparseBlock
-
-    d, f, E, k = shape.d, shape.f, shape.E, shape.k
-    torch.manual_seed(seed)
-    hf_config = MixtralConfig(
-        hidden_size=d,
-        intermediate_size=f,
-        num_local_experts=E,
-        num_experts_per_tok=k,
-        router_jitter_noise=0.0,
-        hidden_act="silu",
-        experts_implementation="eager",
-    )
-    ours_config = MoeConfig(
-        hidden_size=d,
-        intermediate_size=f,
-        moe_intermediate_size=f,
-        num_local_experts=E,
-        num_experts_per_tok=k,
-        num_hidden_layers=1,
-        num_attention_heads=1,
-        hidden_act="silu",
-    )
-    ours_config._experts_implementation = "eager"
+    hf, hf_config, ours, ours_config = build_moe_pair(shape, dtype, device, seed, router_std)
+    d, f, k = shape.d, shape.f, shape.k
     with torch.device(device):
-        hf = MixtralSparseMoeBlock(hf_config).to(dtype)
-        with torch.no_grad():  # MixtralExperts parameters are torch.empty: garbage or denormals would skew timings
-            hf.gate.weight.normal_(0.0, router_std)
-            hf.experts.gate_up_proj.normal_(0.0, d**-0.5)
-            hf.experts.down_proj.normal_(0.0, f**-0.5)
-        ours = MoeSparseBlock(ours_config).to(dtype)
-        state = {name.replace("gate.weight", "router.weight"): t for name, t in hf.state_dict().items()}
-        ours.load_state_dict(state, strict=True)
         dense = DenseSwiGLU(d, k * f).to(dtype)
         with torch.no_grad():
             dense.gate_up.weight.normal_(0.0, d**-0.5)
             dense.down.weight.normal_(0.0, (k * f) ** -0.5)
-    return Modules(hf.train(), hf_config, ours.train(), ours_config, dense.train())
+    return Modules(hf, hf_config, ours, ours_config, dense.train())
 
 
 def block_fns(mods: Modules, hf_impls: list[str], ours_impls: list[str]) -> dict[str, tuple[torch.nn.Module, Any]]:

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from modeling_moe.experts import experts_forward, gathered_experts_forward, grouped_experts_forward
 
 
-def reference_loop(x, gate_up, down, indices, weights):
-    """One token and one choice at a time: the definition of the MoE layer output."""
+def reference_loop(x, gate_up, down, indices, weights, b1=None, b2=None):
+    """One token and one choice at a time: the definition of the MoE layer output (expert biases optional)."""
     out = torch.zeros_like(x)
     num_experts, two_i, _ = gate_up.shape
     i = two_i // 2
@@ -19,8 +19,9 @@ def reference_loop(x, gate_up, down, indices, weights):
             e = int(indices[t, k])
             if e == num_experts:  # dropped
                 continue
-            h = x[t] @ gate_up[e].T
-            out[t] = out[t] + weights[t, k] * ((F.silu(h[:i]) * h[i:]) @ down[e].T)
+            h = x[t] @ gate_up[e].T + (b1[e] if b1 is not None else 0)
+            y = (F.silu(h[:i]) * h[i:]) @ down[e].T + (b2[e] if b2 is not None else 0)
+            out[t] = out[t] + weights[t, k] * y
     return out
 
 

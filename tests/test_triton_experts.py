@@ -19,6 +19,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.test_experts import reference_loop
+
 pytest.importorskip("triton")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -33,22 +35,6 @@ CASES = {
     "E8_K1_drop": (23, 28, 44, 8, 1, True, False, "float32"),
     "E4_K2_float16": (20, 16, 24, 4, 2, True, True, "float16"),
 }
-
-
-def reference_loop(x, gate_up, down, indices, weights, b1=None, b2=None):
-    """One token and one choice at a time: the definition of the MoE layer output (biases optional)."""
-    out = torch.zeros_like(x)
-    num_experts, two_i, _ = gate_up.shape
-    i = two_i // 2
-    for t in range(x.shape[0]):
-        for k in range(indices.shape[1]):
-            e = int(indices[t, k])
-            if e == num_experts:  # dropped
-                continue
-            h = x[t] @ gate_up[e].T + (b1[e] if b1 is not None else 0)
-            y = (F.silu(h[:i]) * h[i:]) @ down[e].T + (b2[e] if b2 is not None else 0)
-            out[t] = out[t] + weights[t, k] * y
-    return out
 
 
 def _inputs(T, D, I, E, K, drop, bias, dtype, seed=0):
