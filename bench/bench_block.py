@@ -234,6 +234,30 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
 
 
+def outputs_and_grads(
+    module: torch.nn.Module, fn: Any, x: torch.Tensor, backward: bool, ours: bool, with_router: bool
+) -> dict[str, torch.Tensor]:
+    """One block's no-grad output and, if `backward`, its autograd output and the gradients of the input, both
+    expert tensors and (`with_router`) the router, named alike for ours and Mixtral. Shared with bench_gpu_block."""
+    pairs = {"gate_up_proj": ("experts.gate_up_proj",) * 2, "down_proj": ("experts.down_proj",) * 2}
+    if with_router:
+        pairs["router"] = ("router.weight", "gate.weight")
+    with torch.no_grad():  # the inference path (which may differ from the autograd one) is timed in "fwd"
+        found = {"out": fn(x)}
+    if not backward:
+        return found
+    module.zero_grad(set_to_none=True)
+    xg = x.detach().clone().requires_grad_(True)
+    out = fn(xg)
+    out.backward(torch.ones_like(out) / out.numel() ** 0.5)
+    params = dict(module.named_parameters())
+    found.update({"out_autograd": out.detach(), "grad_x": xg.grad})
+    for label, (ours_name, hf_name) in pairs.items():
+        found[f"grad_{label}"] = params[ours_name if ours else hf_name].grad
+    module.zero_grad(set_to_none=True)
+    return found
+
+
 def check_equivalence(blocks: Blocks, impls: tuple[str, ...], x: torch.Tensor, dtype: str, backward: bool) -> dict:
     """Compare our output (and gradients, if `backward`) with every transformers implementation.
 
@@ -242,25 +266,10 @@ def check_equivalence(blocks: Blocks, impls: tuple[str, ...], x: torch.Tensor, d
     gradient is zero up to rounding and a relative error of it is meaningless.
     """
     fns = forward_fns(blocks, impls)
-    pairs = {"gate_up_proj": ("experts.gate_up_proj",) * 2, "down_proj": ("experts.down_proj",) * 2}
-    if blocks.hf.top_k > 1:
-        pairs["router"] = ("router.weight", "gate.weight")
+    with_router = blocks.hf.top_k > 1
 
     def run(name: str) -> dict[str, torch.Tensor]:
-        module, fn = fns[name]
-        with torch.no_grad():  # the inference path (which may differ from the autograd one) is timed in "fwd"
-            found = {"out": fn(x)}
-        if not backward:
-            return found
-        module.zero_grad(set_to_none=True)
-        xg = x.detach().clone().requires_grad_(True)
-        out = fn(xg)
-        out.backward(torch.ones_like(out) / out.numel() ** 0.5)
-        params = dict(module.named_parameters())
-        found.update({"out_autograd": out.detach(), "grad_x": xg.grad})
-        for label, (ours_name, hf_name) in pairs.items():
-            found[f"grad_{label}"] = params[ours_name if name == "ours" else hf_name].grad
-        return found
+        return outputs_and_grads(*fns[name], x, backward, ours=name == "ours", with_router=with_router)
 
     ours = run("ours")
     report: dict[str, dict[str, float]] = {}

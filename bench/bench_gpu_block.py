@@ -61,7 +61,7 @@ import torch.nn.functional as F
 if __package__ in (None, ""):  # run as a script (python bench/bench_gpu_block.py): make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.bench_block import Shape, build_moe_pair
+from bench.bench_block import Shape, build_moe_pair, outputs_and_grads
 from bench.common import DTYPES, Timing, dtype_name, dtype_supported, env_info, markdown_table, save_json, sync
 
 TARGET = 0.80  # issue 7: our block >= 0.80 of dense-equal throughput
@@ -303,26 +303,10 @@ def check(
     the single kept weight to 1, so that gradient is zero up to rounding.
     """
     fns = block_fns(mods, hf_impls, ours_impls)
-    pairs = {"gate_up_proj": ("experts.gate_up_proj",) * 2, "down_proj": ("experts.down_proj",) * 2}
-    if mods.hf.top_k > 1:
-        pairs["router"] = ("router.weight", "gate.weight")
+    with_router = mods.hf.top_k > 1
 
     def run(name: str) -> dict[str, torch.Tensor]:
-        module, fn = fns[name]
-        with torch.no_grad():  # the inference path (which may differ from the autograd one) is timed in "fwd"
-            found = {"out": fn(x)}
-        if not backward:
-            return found
-        module.zero_grad(set_to_none=True)
-        xg = x.detach().clone().requires_grad_(True)
-        out = fn(xg)
-        out.backward(torch.ones_like(out) / out.numel() ** 0.5)
-        params = dict(module.named_parameters())
-        found.update({"out_autograd": out.detach(), "grad_x": xg.grad})
-        for label, (ours_name, hf_name) in pairs.items():
-            found[f"grad_{label}"] = params[ours_name if name.startswith("ours:") else hf_name].grad
-        module.zero_grad(set_to_none=True)
-        return found
+        return outputs_and_grads(*fns[name], x, backward, ours=name.startswith("ours:"), with_router=with_router)
 
     failed: dict[str, str] = {}
     theirs: dict[str, dict[str, torch.Tensor]] = {}
