@@ -1,4 +1,10 @@
-"""Experts: 3-D SwiGLU weights and the grouped computation sort -> one GEMM per expert group -> combine.
+"""Experts: 3-D SwiGLU weights and one entry point, `experts_forward(x, indices, weights)`.
+
+`experts_forward` picks among exact implementations of the same sum (each tested against a plain loop):
+    few_token_experts_forward  a handful of assignments on the CPU: one GEMV pair per assignment, no sort
+    gathered_experts_forward   a handful of assignments on CUDA: gathered weights, static shapes, no host sync
+    triton_experts_forward     CUDA with triton (triton_experts.py): fused gather / SwiGLU / scatter kernels
+    grouped_experts_forward    everything else: sort -> one GEMM pair per expert group -> weighted combine
 
 Shape legend: T tokens, D hidden size, I expert intermediate size, E experts, K experts per token,
 N routed assignments (T*K minus dropped ones).
