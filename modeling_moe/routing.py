@@ -355,7 +355,8 @@ class MoeRouter(nn.Module):
             weights_TK = scores_TE.gather(1, indices_TK)
             if self.norm_topk_prob:
                 weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
-        weights_TK = weights_TK * self.routed_scaling_factor
+        if self.routed_scaling_factor != 1.0:
+            weights_TK = weights_TK * self.routed_scaling_factor
         return router_logits_TE, weights_TK, indices_TK, choice_TE, scores_TE
 
     @torch.no_grad()
