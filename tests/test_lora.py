@@ -216,3 +216,38 @@ def test_routing_kl_loss_is_the_differentiable_routing_kl():
     assert cur[0].grad.abs().sum() > 0 and cur[0].grad[8:].abs().sum() == 0  # padding rows get no gradient
     same = routing_kl_loss(ref, [r.clone().requires_grad_() for r in ref], mask)
     assert same.item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_router_lr_scale_with_aux_free_bias_updates_one_bias_per_router(tmp_path):
+    """peft's `modules_to_save` keeps the base router and trains a copy; with aux-loss-free balancing both count the
+    same load, the bias moves by exactly +-rate per expert per optimizer step (DeepSeek-V3's sign rule), and the
+    adapter and the merged model carry the trained copy's bias."""
+    corpus = make_corpus(tmp_path)
+    rate, steps = 0.01, 3
+    overrides = {**json.loads(TINY_OVERRIDES), "router_bias_update_rate": rate}
+    base_args = tiny_run_args(
+        corpus, tmp_path / "base", tmp_path / "cache", max_steps=2, config_overrides=json.dumps(overrides)
+    )
+    model_dir = train.main(base_args)["final_model_dir"]
+    out = tmp_path / "lora"
+    args = lora_args((corpus, model_dir, tmp_path / "cache"), out, router_lr_scale=0.1, update_router_bias="true")
+    args += ["--max_steps", str(steps), "--merge", "true"]
+    results = finetune_lora.main(args)
+    assert results["global_step"] == steps
+    base_bias = {k: v for k, v in load_file(f"{model_dir}/model.safetensors").items() if "e_score_correction" in k}
+    merged = load_file(out / "merged" / "model.safetensors")
+    assert len(base_bias) == 2
+    moved = 0
+    for name, before in base_bias.items():
+        delta = (merged[name] - before) / rate  # each step adds -rate, 0 or +rate per expert
+        torch.testing.assert_close(delta, delta.round(), rtol=0, atol=1e-4)
+        assert delta.abs().max() <= steps + 1e-4
+        moved += int(delta.abs().sum().round())
+    assert moved > 0, "the biases were updated during fine-tuning"
+    adapter = PeftModel.from_pretrained(MoeForCausalLM.from_pretrained(model_dir), out / "adapter")
+    for layer in adapter.base_model.model.model.layers:
+        wrapped = layer.mlp.router
+        original, trained = wrapped.original_module, wrapped.modules_to_save["default"]
+        name = f"model.layers.{layer.self_attn.layer_idx}.mlp.router.e_score_correction_bias"
+        torch.testing.assert_close(trained.e_score_correction_bias, merged[name])  # what the adapter saved
+        assert not torch.equal(trained.weight, original.weight)  # the copy trained at router_lr_scale x lr

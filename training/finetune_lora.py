@@ -19,7 +19,8 @@ Options:
     routing mass on the fine-tuning data (base model) get LoRA updates; the others stay bitwise unchanged,
     including weight decay and optimizer state (`training.lora.ExpertSliceFreezer`). With ESFT the default module
     targets are none (the paper trains only the selected experts); add `--lora_target_modules` to combine.
-  * `--update_router_bias`: keep updating aux-loss-free router biases (off: the base model's biases are kept).
+  * `--update_router_bias`: keep updating aux-loss-free router biases (off: the base model's biases are kept); with
+    `--router_lr_scale` the trained router copies carry the updated biases into the adapter and the merged model.
 After training: a routing-drift report against the base model on the held-out split (per-layer top-k agreement
 and mean KL, `drift.json`), the adapter (`<output_dir>/adapter`, peft format, written atomically) and with
 `--merge` a merged Hub-ready model (`<output_dir>/merged`) whose logits are checked against the adapter model's.
@@ -210,11 +211,6 @@ def validate_lora_arguments(lora_args: LoraArguments, args: LoraTrainingArgument
     if lora_args.router_lr_scale is not None and not lora_args.router_lr_scale > 0:
         raise TrainArgumentError(
             f"--router_lr_scale must be > 0 (omit it to freeze routers), got {lora_args.router_lr_scale}"
-        )
-    if lora_args.router_lr_scale is not None and config.router_bias_update_rate > 0 and lora_args.update_router_bias:
-        raise TrainArgumentError(
-            "--router_lr_scale with --update_router_bias is not supported: the router copies that peft trains "
-            "would be counted alongside the originals by the model's aux-free load counting"
         )
     if lora_args.routing_kl_coef < 0:
         raise TrainArgumentError(f"--routing_kl_coef must be >= 0, got {lora_args.routing_kl_coef}")
