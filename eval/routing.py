@@ -108,7 +108,7 @@ def collect_routing(
     if not windows:
         raise EvalInputError("dataset: no tokens to route")
     device = next(model.parameters()).device
-    accumulator = rs.RoutingAccumulator(num_experts=E, top_k=k)
+    accumulator = rs.RoutingAccumulator(num_experts=E, top_k=k, expert_choice=router_type == "expert_choice")
     logits_parts: list[list[torch.Tensor]] = [[] for _ in moe_layers]
     index_parts: list[list[torch.Tensor]] = [[] for _ in moe_layers]
     token_parts, doc_parts = [], []

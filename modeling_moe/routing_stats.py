@@ -84,7 +84,8 @@ def router_confidence(router_logits_TE: torch.Tensor, token_mask=None) -> dict[s
 
 
 def dropped_fraction(dropped: int | torch.Tensor, num_real_tokens: int, k: int) -> float:
-    """Dropped assignments over the assignments the router made (real tokens * k)."""
+    """Dropped assignments over the assignments the router made (real tokens * k). For expert choice the model
+    reports the real tokens no expert took, so pass k = 1: the fraction of tokens that skipped the layer."""
     total = num_real_tokens * k
     return float(dropped) / total if total else 0.0
 
@@ -128,12 +129,22 @@ class RoutingAccumulator:
 
     num_experts: int
     top_k: int
+    expert_choice: bool = False  # drops are then tokens no expert took, over real tokens (not assignments)
     counts: list[torch.Tensor] = field(default_factory=list)
     dropped: list[float] = field(default_factory=list)
     entropy_sum: list[float] = field(default_factory=list)
     top1_sum: list[float] = field(default_factory=list)
     margin_sum: list[float] = field(default_factory=list)
     real_tokens: int = 0
+
+    @classmethod
+    def for_config(cls, config) -> RoutingAccumulator:
+        """An accumulator for a model config: its experts, its k, and its router's meaning of a drop."""
+        return cls(
+            config.num_local_experts,
+            config.num_experts_per_tok,
+            expert_choice=getattr(config, "router_type", None) == "expert_choice",
+        )
 
     def update(self, outputs, attention_mask: torch.Tensor | None = None) -> None:
         """Add one forward pass. `outputs` needs `router_logits` and `router_indices` (and `dropped_tokens`)."""
@@ -173,7 +184,9 @@ class RoutingAccumulator:
                     "router_entropy": self.entropy_sum[layer] / n,
                     "top1_prob": self.top1_sum[layer] / n,
                     "margin": self.margin_sum[layer] / n,
-                    "dropped_fraction": dropped_fraction(self.dropped[layer], self.real_tokens, self.top_k),
+                    "dropped_fraction": dropped_fraction(
+                        self.dropped[layer], self.real_tokens, 1 if self.expert_choice else self.top_k
+                    ),
                     "dead_experts": dead_experts(counts_E),
                 }
             )

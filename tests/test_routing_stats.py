@@ -44,3 +44,28 @@ def test_agreement_and_drops():
     assert rs.topk_agreement(a, b, 4) == pytest.approx((1 + 0.5 + 1) / 3)
     assert rs.consecutive_layer_agreement([a, b, b], 4) == pytest.approx([2.5 / 3, 1.0])
     assert rs.dropped_fraction(3, 10, 2) == 0.15
+
+
+@pytest.mark.parametrize("router_type", ["expert_choice", "topk_softmax"])
+def test_accumulator_drop_fraction_means_what_the_router_drops(router_type):
+    """Token choice with capacity drops assignments (over T*k); expert choice leaves tokens unchosen (over T)."""
+    from modeling_moe import MoeForCausalLM
+    from tests.conftest import tiny_config
+
+    torch.manual_seed(0)
+    model = MoeForCausalLM(tiny_config(router_type=router_type, capacity_factor_eval=0.5)).eval()
+    ids = torch.randint(3, 128, (2, 40))
+    with torch.no_grad():
+        out = model(ids, output_router_logits=True)
+    acc = rs.RoutingAccumulator.for_config(model.config)
+    acc.update(out)
+    E = model.config.num_local_experts
+    expected = []
+    for layer, summary in enumerate(acc.summary()):
+        indices = out.router_indices[layer]
+        if router_type == "expert_choice":  # (T, E) with E where the expert did not take the token
+            expected.append(float((indices == E).all(dim=-1).float().mean()))
+        else:
+            expected.append(float((indices == E).float().mean()))  # of the T*k assignments
+        assert summary["dropped_fraction"] == pytest.approx(expected[-1])
+    assert max(expected) > 0, "this case is meant to drop"

@@ -255,7 +255,7 @@ def expert_routing_shares(model: nn.Module, batches: Iterable[dict]) -> list[tor
     """Per MoE layer, the share of routed assignments each expert takes on `batches` (eval mode), from
     `routing_stats` (`RoutingAccumulator` counts -> `load_fractions`). Returns (E,) float64 tensors."""
     config = model.config
-    acc = RoutingAccumulator(config.num_local_experts, config.num_experts_per_tok)
+    acc = RoutingAccumulator.for_config(config)
     with eval_mode(model):
         for batch in batches:
             mask = batch.get("attention_mask")

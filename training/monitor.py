@@ -118,7 +118,7 @@ class RouterMonitorCallback(TrainerCallback):
         config = base.config
         self._base = base
         self._layers = list(config.moe_layers)
-        self._acc = RoutingAccumulator(config.num_local_experts, config.num_experts_per_tok)
+        self._acc = RoutingAccumulator.for_config(config)
         self._handles = [
             base.register_forward_pre_hook(self._pre_hook, with_kwargs=True),
             base.register_forward_hook(self._post_hook, with_kwargs=True),
