@@ -166,8 +166,8 @@ def _grouped_autograd(
 SMALL_BATCH_ASSIGNMENTS = 8
 
 
-def _needs_grad(*tensors: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def few_token_experts_forward(

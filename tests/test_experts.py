@@ -244,3 +244,13 @@ def test_our_implementations_are_selectable_with_capacity_and_biases():
     torch.testing.assert_close(model(ids).logits, out.logits)
     with pytest.raises(ValueError, match="experts_implementation"):
         model.set_experts_implementation("grouped_mm")
+
+
+def test_frozen_experts_with_grad_mode_on_take_the_few_token_path():
+    """Grad mode on but nothing requiring grad (a frozen model outside `torch.no_grad()`), no biases: the inference
+    path runs and agrees with the loop."""
+    x = torch.randn(2, 8)
+    gate_up, down = torch.randn(4, 12, 8), torch.randn(4, 8, 6)
+    indices, weights = torch.tensor([[1, 3], [4, 0]]), torch.rand(2, 2)
+    got = experts_forward(x, gate_up, down, indices, weights, F.silu)
+    torch.testing.assert_close(got, reference_loop(x, gate_up, down, indices, weights))
