@@ -132,6 +132,14 @@ class MoeConfig(PreTrainedConfig):
         router_z_loss_coef: ST-MoE router z-loss weight.
         output_router_logits: return router logits, final routing and drop counts by default.
 
+    LM loss:
+        lm_loss_chunk_size: None computes the (B, S, V) logits and transformers' causal-LM loss. An integer n:
+            in training mode with labels, the loss comes from the last hidden states and the LM head's weight n
+            positions at a time (`losses.linear_cross_entropy`), never materialising the logits; `logits` is then
+            None in the output (as Liger-Kernel's fused loss does). Same loss and gradients; peak memory drops
+            by about B * S * V * 4 bytes per copy of the logits. Ignored, with full logits, when the LM head is
+            wrapped (peft, `modules_to_save`, device hooks, tensor parallelism) or `logits_to_keep` is set.
+
     Raises:
         MoeConfigError (a ValueError): a field holds an impossible value; the message names it.
     """
@@ -198,6 +206,8 @@ class MoeConfig(PreTrainedConfig):
     router_importance_loss_coef: float | int = 0.0
     router_z_loss_coef: float | int = 0.0
     output_router_logits: bool = False
+    # LM loss
+    lm_loss_chunk_size: int | None = None
 
     def __post_init__(self, **kwargs):
         if self.num_key_value_heads is None:
@@ -331,6 +341,8 @@ class MoeConfig(PreTrainedConfig):
             raise MoeConfigError(f"rms_norm_eps must be a number > 0, got {self.rms_norm_eps!r}")
         if self.sliding_window is not None:
             _check_positive_int("sliding_window", self.sliding_window)
+        if self.lm_loss_chunk_size is not None:
+            _check_positive_int("lm_loss_chunk_size", self.lm_loss_chunk_size)
         _check_types_list("layer_types", self.layer_types, ATTENTION_LAYER_TYPES, self.num_hidden_layers)
         if "sliding_attention" in self.layer_types and self.sliding_window is None:
             raise MoeConfigError("layer_types has 'sliding_attention' layers, so sliding_window must be set (> 0)")

@@ -39,7 +39,13 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_moe import MoeConfig
 from .experts import OUR_EXPERTS_IMPLEMENTATIONS, MoeExperts
-from .losses import importance_loss, load_balancing_loss, load_balancing_loss_per_layer, router_z_loss
+from .losses import (
+    importance_loss,
+    linear_cross_entropy,
+    load_balancing_loss,
+    load_balancing_loss_per_layer,
+    router_z_loss,
+)
 from .routing import MoeDispatcher, MoeRouter, expert_capacity
 
 # The Auto classes a saved folder declares for trust_remote_code loading (file stem . class name).
@@ -514,9 +520,9 @@ class MoeForCausalLM(MoePreTrainedModel, GenerationMixin):
     ) -> MoeCausalLMOutput:
         """Args: input_ids (B, S); attention_mask (B, S) or (B, S_past + S); labels (B, S), -100 = ignored.
 
-        Returns `MoeCausalLMOutput` (a `MoeCausalLMOutputWithPast`): logits (B, S or logits_to_keep, vocab),
-        loss, aux_loss (always), cache; with `output_router_logits`, also router_logits, router_indices and
-        dropped_tokens per MoE layer.
+        Returns `MoeCausalLMOutput` (a `MoeCausalLMOutputWithPast`): logits (B, S or logits_to_keep, vocab;
+        None in training with labels when `config.lm_loss_chunk_size` is set), loss, aux_loss (always), cache;
+        with `output_router_logits`, also router_logits, router_indices and dropped_tokens per MoE layer.
         """
         output_router_logits = (
             output_router_logits if output_router_logits is not None else self.config.output_router_logits
@@ -537,25 +543,28 @@ class MoeForCausalLM(MoePreTrainedModel, GenerationMixin):
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
-        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, slice_indices, :])
+        loss = aux_loss = logits = None
+        if labels is not None and self._chunked_lm_loss_applies(logits_to_keep):
+            loss = self._chunked_lm_loss(hidden_states, labels, **kwargs)  # no (B, S, V) logits at all
+        else:
+            slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            logits = self.lm_head(hidden_states[:, slice_indices, :])
+            if labels is not None:
+                loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
 
         router_logits = outputs.router_logits or ()
-        loss = aux_loss = None
         if record:
             token_mask = _token_mask_for_losses(attention_mask, hidden_states.shape[1])
             if self.training:
                 self._count_router_load(outputs.router_indices, token_mask)
             router_losses = self.router_losses(router_logits, token_mask)
-            aux_loss = router_losses["aux"].to(logits.device)
-        if labels is not None:
-            loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
-            if record:
+            aux_loss = router_losses["aux"].to(hidden_states.device)
+            if loss is not None:
                 loss = loss + router_losses["total"].to(loss.device)
 
         dropped = None
         if output_router_logits and outputs.dropped_tokens:
-            dropped = torch.stack([d.to(logits.device) for d in outputs.dropped_tokens])
+            dropped = torch.stack([d.to(hidden_states.device) for d in outputs.dropped_tokens])
         return MoeCausalLMOutput(
             loss=loss,
             aux_loss=aux_loss,
@@ -566,6 +575,44 @@ class MoeForCausalLM(MoePreTrainedModel, GenerationMixin):
             router_logits=router_logits if output_router_logits else None,
             router_indices=outputs.router_indices if output_router_logits else None,
             dropped_tokens=dropped,
+        )
+
+    def _chunked_lm_loss_applies(self, logits_to_keep: int | torch.Tensor) -> bool:
+        """`config.lm_loss_chunk_size` is set, the model is training, every position is kept, and the LM head is
+        a plain `nn.Linear` that nothing wraps or hooks (a peft adapter or `modules_to_save` copy, accelerate's
+        device hooks, tensor parallelism, FSDP): only then is `lm_head.weight` alone the head's whole function."""
+        head = self.lm_head
+        return (
+            self.config.lm_loss_chunk_size is not None
+            and self.training
+            and isinstance(logits_to_keep, int)
+            and logits_to_keep == 0
+            and type(head) is nn.Linear
+            and head.bias is None
+            and not (head._forward_hooks or head._forward_pre_hooks or hasattr(head, "_hf_hook"))
+            and type(head.weight) in (torch.Tensor, nn.Parameter)  # not a DTensor
+        )
+
+    def _chunked_lm_loss(
+        self,
+        hidden_BSD: torch.Tensor,
+        labels_BS: torch.Tensor,
+        num_items_in_batch: int | torch.Tensor | None = None,
+        ignore_index: int = -100,
+        shift_labels: torch.Tensor | None = None,
+        **_: object,
+    ) -> torch.Tensor:
+        """transformers' `ForCausalLMLoss` (next-token labels, `ignore_index`, `num_items_in_batch`) through
+        `linear_cross_entropy`, `config.lm_loss_chunk_size` positions at a time."""
+        if shift_labels is None:  # position s predicts token s + 1; the last position predicts nothing
+            shift_labels = nn.functional.pad(labels_BS, (0, 1), value=ignore_index)[..., 1:]
+        return linear_cross_entropy(
+            hidden_BSD,
+            self.lm_head.weight,
+            shift_labels.to(hidden_BSD.device),
+            ignore_index=ignore_index,
+            num_items_in_batch=num_items_in_batch,
+            chunk_size=self.config.lm_loss_chunk_size,
         )
 
     def router_losses(self, router_logits, token_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
