@@ -13,8 +13,9 @@ All variants are timed in the same process, interleaved round by round (see `ben
                          cheaper than the plain dense FFN because its intermediates stay in cache.
     ceiling:presorted    the expert GEMMs alone, for information: tokens already sorted into one contiguous
                          chunk per expert, separate weight tensors, no routing, gather, scatter or weighting (the
-                         CPU counterpart of the anchors' bare grouped GEMM on pre-sorted tokens). Any
-                         implementation of the layer that runs one GEMM pair per expert costs at least this.
+                         CPU counterpart of the anchors' bare grouped GEMM on pre-sorted tokens), with the
+                         GEMM kernels our block uses. Any implementation of the layer that runs one GEMM pair
+                         per expert with those kernels costs at least this.
 
 Both MoE blocks hold the same weights (the router weight is Mixtral's `gate.weight`; expert tensors have the
 same names and layout). Before anything is timed, our output (and, for forward+backward, our input and weight
@@ -193,7 +194,10 @@ def forward_fns(blocks: Blocks, impls: tuple[str, ...]) -> dict[str, tuple[torch
 
 def ceiling_variant(blocks: Blocks, x: torch.Tensor, mode: str) -> Any:
     """The "ceiling:presorted" callable: SwiGLU GEMMs per expert on its pre-sorted, contiguous tokens (routing
-    taken from the block's router once, outside the timing), with a backward into per-expert leaf tensors."""
+    taken from the block's router once, outside the timing), with a backward into per-expert leaf tensors. The
+    GEMM kernels are our forward's: `F.linear`, and without a backward `experts._linear` (few-row float32)."""
+    from modeling_moe.experts import _linear
+
     D = x.shape[-1]
     experts = blocks.ours.experts
     I = experts.intermediate_dim
@@ -211,10 +215,11 @@ def ceiling_variant(blocks: Blocks, x: torch.Tensor, mode: str) -> Any:
     work = [(e, c, g) for e, (c, g) in enumerate(zip(chunks, grads)) if c.shape[0]]
 
     def run() -> list[torch.Tensor]:
+        linear = torch.nn.functional.linear if backward else _linear  # the GEMM kernels our forward uses
         outs = []
         for e, c, _ in work:
-            gate_up = torch.nn.functional.linear(c, w1[e])
-            outs.append(torch.nn.functional.linear(torch.nn.functional.silu(gate_up[:, :I]) * gate_up[:, I:], w2[e]))
+            gate_up = linear(c, w1[e])
+            outs.append(linear(torch.nn.functional.silu(gate_up[:, :I]) * gate_up[:, I:], w2[e]))
         return outs
 
     def call() -> None:

@@ -8,7 +8,9 @@ SDPA attention, untied embeddings: about 0.93B parameters in total, 0.30B active
                     peak memory (torch.cuda.max_memory_allocated after reset_peak_memory_stats; n/a on the CPU).
                     Mixtral runs with output_router_logits=True and router_aux_loss_coef 0.01, as in the anchors,
                     so both models compute the load-balancing loss. Each variant is built alone on the device
-                    from the same weights and timed alone, so that its peak memory is its own.
+                    from the same weights and timed alone, so that its peak memory is its own. Ours computes
+                    its LM loss chunk by chunk (`config.lm_loss_chunk_size`, `--lm-loss-chunk-size`, 0 = off),
+                    so the (batch, sequence, vocab) logits are never allocated.
     decoding        greedy `generate()` at batch 1 and batch 16, 128-token prompt, 128 new tokens: new tokens/s
                     (prefill included, as in the anchors). Ours with a static cache (transformers compiles the
                     forward for static caches on CUDA, mode "reduce-overhead" = CUDA graphs; `--no-compile`
@@ -182,12 +184,15 @@ def check_logits(state, args, dtype, device) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------- training
 def train_variant(kind: str, impl: str, state, args: argparse.Namespace, dtype, device: torch.device) -> dict[str, Any]:
     """Build one model alone on the device, then time its AdamW training step; tokens/s, MFU, peak memory."""
-    name = f"{'ours' if kind == 'ours' else 'mixtral'}:{impl}"
+    chunk = args.lm_loss_chunk_size if kind == "ours" and args.lm_loss_chunk_size > 0 else None
+    name = f"{'ours' if kind == 'ours' else 'mixtral'}:{impl}" + (f"+lm_loss_chunk_size={chunk}" if chunk else "")
     row: dict[str, Any] = {"variant": name}
     model = opt = None
     try:
         model = build(kind, state, args, dtype, device).train()
         model.set_experts_implementation(impl)
+        if kind == "ours":
+            model.config.lm_loss_chunk_size = chunk
         counts = param_counts(model, args)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
         gen = torch.Generator().manual_seed(1)
@@ -237,11 +242,11 @@ def run_training(state, args, dtype, device, ours_impls: list[str]) -> dict[str,
         row = train_variant(kind, impl, state, args, dtype, device)
         rows.append(row)
         if row["error"]:
-            print(f"    {row['variant']:<20s} error: {row['error']}", flush=True)
+            print(f"    {row['variant']:<40s} error: {row['error']}", flush=True)
             continue
         mem = f"{row['peak_mem_gb']:.2f} GB" if row["peak_mem_gb"] is not None else "n/a"
         print(
-            f"    {row['variant']:<20s} {row['step_ms']:9.1f} ms/step {row['tok_s']:10.0f} tok/s  "
+            f"    {row['variant']:<40s} {row['step_ms']:9.1f} ms/step {row['tok_s']:10.0f} tok/s  "
             f"MFU {row['mfu'] * 100:5.1f}%  peak memory {mem}  first loss {row['first_loss']:.4f}",
             flush=True,
         )
@@ -462,6 +467,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq", type=int, default=2048, help="training sequence length")
     parser.add_argument("--hf-impls", nargs="+", default=list(HF_IMPLS), help="Mixtral experts implementations")
     parser.add_argument("--ours-impls", nargs="+", default=None, help="ours (default: all of ours that run here)")
+    parser.add_argument(
+        "--lm-loss-chunk-size",
+        type=int,
+        default=4096,
+        help="our models' config.lm_loss_chunk_size in training (the chunked LM loss; 0 = full logits)",
+    )
     parser.add_argument("--warmup", type=int, default=3, help="untimed training steps per variant")
     parser.add_argument("--train-iters", type=int, default=5, help="training steps per timed block")
     parser.add_argument("--rounds", type=int, default=3, help="timed training blocks per variant")

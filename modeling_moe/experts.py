@@ -49,13 +49,15 @@ class GroupedExperts(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_TD, gate_up_EHD, down_EDI, gate_up_bias_EH, down_bias_ED, weights_TK, order_N, counts, K):
+    def forward(ctx, x_TD, gate_up_EHD, down_EDI, gate_up_bias_EH, down_bias_ED, weights_TK, order_N, counts, K, grad):
         T, D = x_TD.shape
         acc_dtype = torch.promote_types(x_TD.dtype, weights_TK.dtype)  # float32 for 16-bit x and router weights
         y_TD = torch.zeros(T, D, dtype=acc_dtype, device=x_TD.device)
         token_N = order_N // K
         weight_N1 = weights_TK.reshape(-1).index_select(0, order_N).unsqueeze(-1)  # (N, 1)
-        keep = any(ctx.needs_input_grad[:6])  # without a backward, SwiGLU runs in place on gu
+        # `grad`: grad mode was on outside (inside forward it is always off). Without a backward (no_grad, or
+        # nothing requires grad), SwiGLU runs in place on gu, nothing is saved, and few-row GEMMs use `_linear`.
+        keep = grad and any(ctx.needs_input_grad[:6])
         I = down_EDI.shape[-1]
         gu_per_expert = []
         start = 0
@@ -66,9 +68,11 @@ class GroupedExperts(torch.autograd.Function):
             tokens = token_N[start:end]
             x_nD = x_TD.index_select(0, tokens)
             b1, b2 = _bias(gate_up_bias_EH, e), _bias(down_bias_ED, e)
-            gu = F.linear(x_nD, gate_up_EHD[e], b1)  # (n, 2I); F.linear beats mm(x, W.t()) by ~25% in CPU bf16
+            # (n, 2I); F.linear beats mm(x, W.t()) by ~25% in CPU bf16. `_linear`'s few-row kernels only without
+            # a backward: their transposed outputs would slow the backward's GEMMs down.
+            gu = F.linear(x_nD, gate_up_EHD[e], b1) if keep else _linear(x_nD, gate_up_EHD[e], b1)
             h = F.silu(gu[:, :I], inplace=not keep).mul_(gu[:, I:])  # SwiGLU (Shazeer 2020, Eq. 6), (n, I)
-            y = F.linear(h, down_EDI[e], b2)  # (n, D)
+            y = F.linear(h, down_EDI[e], b2) if keep else _linear(h, down_EDI[e], b2)  # (n, D)
             w = weight_N1[start:end]
             # combine: y_t += w_tk * expert(x_t) (Shazeer et al. 2017, Eq. 1); the product promotes 16-bit y
             y_TD.index_add_(0, tokens, y.mul_(w) if y.dtype == acc_dtype else y * w)
@@ -138,7 +142,7 @@ class GroupedExperts(torch.autograd.Function):
             start = end
         dx_TD = dx_TD.to(x_TD.dtype) if need_x else None
         dweights = dweight_N.view(T, K) if need_weights else None
-        return dx_TD, dw1, dw2, db1, db2, dweights, None, None, None
+        return dx_TD, dw1, dw2, db1, db2, dweights, None, None, None, None
 
 
 def _bias(bias, e):
@@ -164,6 +168,8 @@ def _grouped_autograd(
 
 # At or below this many (token, expert) assignments, inference skips sorting and grouping (decode steps).
 SMALL_BATCH_ASSIGNMENTS = 8
+# float32 CPU GEMMs with at most this many rows run as W @ x^T (see `_linear`).
+SMALL_GEMM_ROWS = 16
 
 
 def _needs_grad(*tensors: torch.Tensor | None) -> bool:
@@ -202,17 +208,42 @@ def _few_token_loop(
     E = gate_up_proj_EHD.shape[0]
     I = down_proj_EDI.shape[-1]
     y_TD = torch.zeros(x_TD.shape, dtype=torch.promote_types(x_TD.dtype, torch.float32), device=x_TD.device)
-    # One host read of the routing; the weights as python floats, so each assignment costs ~7 small ops. The sum
-    # over k accumulates in float32 for 16-bit inputs, as the grouped path does (one rounding per token).
+    # One host read of the routing; each hit expert then runs once on its rows, so its weights are read once. The
+    # sum over k accumulates in float32 for 16-bit inputs, as the grouped path does (one rounding per token).
+    routes: dict[int, tuple[list[int], list[float]]] = {}
     for t, (experts, weights) in enumerate(zip(indices_TK.tolist(), weights_TK.tolist())):
-        x_1D, y_1D = x_TD[t : t + 1], y_TD[t : t + 1]
         for e, w in zip(experts, weights):
-            if e == E:
-                continue
-            gate_up = F.linear(x_1D, gate_up_proj_EHD[e], _bias(gate_up_bias_EH, e))  # (1, 2I)
-            h = act_fn(gate_up[:, :I]).mul_(gate_up[:, I:])  # SwiGLU
-            y_1D.add_(F.linear(h, down_proj_EDI[e], _bias(down_bias_ED, e)), alpha=w)
+            if e != E:
+                rows, ws = routes.setdefault(e, ([], []))
+                rows.append(t)
+                ws.append(w)
+    for e, (rows, ws) in routes.items():
+        x_nD = x_TD[rows[0] : rows[0] + 1] if len(rows) == 1 else x_TD[rows]
+        gate_up = _linear(x_nD, gate_up_proj_EHD[e], _bias(gate_up_bias_EH, e))  # (n, 2I)
+        h = act_fn(gate_up[:, :I]).mul_(gate_up[:, I:])  # SwiGLU (Shazeer 2020, Eq. 6)
+        y_nD = _linear(h, down_proj_EDI[e], _bias(down_bias_ED, e))  # (n, D)
+        if len(rows) == 1:
+            y_TD[rows[0]].add_(y_nD[0], alpha=ws[0])
+        else:
+            w_n1 = torch.tensor(ws, dtype=y_TD.dtype, device=y_TD.device).unsqueeze(-1)
+            y_TD.index_add_(0, torch.tensor(rows, device=y_TD.device), y_nD * w_n1)  # (Shazeer et al. 2017, Eq. 1)
     return y_TD.to(x_TD.dtype)
+
+
+def _linear(x_nD: torch.Tensor, w_OD: torch.Tensor, b_O: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x_nD, w_OD, b_O)`, (n, O), with the float32 CPU kernels that stream an expert's weights fastest when
+    only a few rows use them. MKL's sgemm for x @ W^T with n <= 8 rows reads weights at ~10-15 GB/s here (one
+    thread); the same product as W @ x^T reads them at ~30 GB/s for 2 <= n <= 8, and a dot per weight row
+    (`vecdot`, a multiply and an ATen reduction on every thread) does for n = 1 (bench/RESULTS.md, "decode").
+    Up to 16 rows W @ x^T is no slower; beyond that, and for other dtypes and devices, `F.linear`."""
+    n = x_nD.shape[0]
+    if x_nD.dtype != torch.float32 or x_nD.device.type != "cpu" or n > SMALL_GEMM_ROWS:
+        return F.linear(x_nD, w_OD, b_O)
+    if n == 1:
+        y_nO = torch.linalg.vecdot(w_OD, x_nD.unsqueeze(1))  # (O, D) . (1, 1, D) -> (1, O)
+    else:
+        y_nO = torch.mm(w_OD, x_nD.contiguous().t()).t()  # (O, n) -> (n, O) view; B = x^T in column-major order
+    return y_nO.add_(b_O) if b_O is not None else y_nO
 
 
 def _few_token_swiglu(x_TD, gate_up_proj_EHD, down_proj_EDI, indices_TK, weights_TK, gate_up_bias_EH, down_bias_ED):
@@ -328,7 +359,8 @@ def grouped_experts_forward(
     n_routed = sum(counts)
     order_N = order_N[:n_routed]  # dropped assignments sorted last: cut them
     if is_silu(act_fn):
-        return GroupedExperts.apply(x_TD, gate_up_proj_EHD, down_proj_EDI, *biases, weights_TK, order_N, counts, K)
+        args = (x_TD, gate_up_proj_EHD, down_proj_EDI, *biases, weights_TK, order_N, counts, K)
+        return GroupedExperts.apply(*args, torch.is_grad_enabled())
     slots = _grouped_autograd(x_TD, gate_up_proj_EHD, down_proj_EDI, *biases, order_N, counts, K, act_fn)
     # Combine: each token's k slot outputs weighted and summed in one batched matmul, (T, 1, K) @ (T, K, D)
     T, D = x_TD.shape

@@ -84,7 +84,7 @@ def test_fused_swiglu_backward_passes_gradcheck(bias):
     def fn(*args):
         a, b, c, w = args[:4]
         d, e = args[4:] if bias else (None, None)
-        return GroupedExperts.apply(a, b, c, d, e, w, order, counts, 2)
+        return GroupedExperts.apply(a, b, c, d, e, w, order, counts, 2, True)
 
     assert torch.autograd.gradcheck(fn, inputs)
     fn(*inputs).sum().backward()
@@ -254,3 +254,41 @@ def test_frozen_experts_with_grad_mode_on_take_the_few_token_path():
     indices, weights = torch.tensor([[1, 3], [4, 0]]), torch.rand(2, 2)
     got = experts_forward(x, gate_up, down, indices, weights, F.silu)
     torch.testing.assert_close(got, reference_loop(x, gate_up, down, indices, weights))
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 16, 17])
+@pytest.mark.parametrize("bias", [False, True])
+def test_small_row_float32_linear_matches_f_linear(rows, bias):
+    """`_linear`'s float32 CPU kernels for a few rows (a dot per weight row for 1, W @ x^T up to 16) compute
+    `F.linear`, also on non-contiguous rows (a SwiGLU output that is a view of a transposed product)."""
+    from modeling_moe.experts import _linear
+
+    w, b = torch.randn(40, 24), (torch.randn(40) if bias else None)
+    x = torch.randn(24, rows).t()  # (rows, 24), column-major
+    torch.testing.assert_close(_linear(x, w, b), F.linear(x, w, b))
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 8])
+def test_float32_few_rows_per_expert_match_the_reference_loop(tokens):
+    """float32 on the CPU with 1..8 rows per expert: the few-token loop (experts hit by several tokens run once on
+    their rows) and the grouped path, forward and backward, against the plain loop, with biases and a drop."""
+    from modeling_moe import experts as ex
+
+    E, D, I, K = 4, 16, 12, 2
+    x = torch.randn(tokens, D, requires_grad=True)
+    gate_up = (torch.randn(E, 2 * I, D) * D**-0.5).requires_grad_()  # unit-scale activations: fp32 tolerances
+    down = (torch.randn(E, D, I) * I**-0.5).requires_grad_()
+    b1, b2 = torch.randn(E, 2 * I, requires_grad=True), torch.randn(E, D, requires_grad=True)
+    indices = torch.stack([torch.randperm(E)[:K] for _ in range(tokens)])
+    indices[0, 1] = E  # one dropped assignment
+    weights = torch.rand(tokens, K, requires_grad=True)
+    params = (x, gate_up, down, weights, b1, b2)
+    expected = reference_loop(x, gate_up, down, indices, weights, b1, b2)
+    with torch.no_grad():
+        few = ex.few_token_experts_forward(x, gate_up, down, indices, weights, F.silu, b1, b2)
+    torch.testing.assert_close(few, expected)
+    got = grouped_experts_forward(x, gate_up, down, indices, weights, F.silu, b1, b2)
+    torch.testing.assert_close(got, expected)
+    grad = torch.randn_like(expected)
+    for g, e in zip(torch.autograd.grad(got, params, grad), torch.autograd.grad(expected, params, grad)):
+        torch.testing.assert_close(g, e)
