@@ -16,6 +16,9 @@ All variants are timed in the same process, interleaved round by round (see `ben
                          CPU counterpart of the anchors' bare grouped GEMM on pre-sorted tokens), with the
                          GEMM kernels our block uses. Any implementation of the layer that runs one GEMM pair
                          per expert with those kernels costs at least this.
+    floor:weight-bytes   few-token shapes, forward, for information: one read of every expert weight the routing
+                         hits (a sum over each). With a handful of rows per expert, moving the weights is the
+                         cost, and no implementation moves fewer bytes.
 
 Both MoE blocks hold the same weights (the router weight is Mixtral's `gate.weight`; expert tensors have the
 same names and layout). Before anything is timed, our output (and, for forward+backward, our input and weight
@@ -234,6 +237,29 @@ def ceiling_variant(blocks: Blocks, x: torch.Tensor, mode: str) -> Any:
     return call
 
 
+FLOOR_ROWS_PER_EXPERT = 16  # "floor:weight-bytes" is timed where experts average at most this many rows
+
+
+def weight_floor_variant(blocks: Blocks, x: torch.Tensor) -> Any:
+    """The "floor:weight-bytes" callable, for few-token shapes (None otherwise): one read (a sum) of every expert
+    weight that the routing of `x` hits. Any implementation of the layer moves at least these bytes; with a few
+    rows per expert that, not arithmetic, is the cost."""
+    experts = blocks.ours.experts
+    with torch.no_grad():
+        indices = blocks.hf.gate(x.reshape(-1, x.shape[-1]))[2]  # (T, K)
+    if indices.numel() > FLOOR_ROWS_PER_EXPERT * experts.num_experts:
+        return None
+    hit = torch.unique(indices).tolist()
+    weights = [experts.gate_up_proj[e] for e in hit] + [experts.down_proj[e] for e in hit]
+
+    def call() -> None:
+        with torch.no_grad():
+            for w in weights:
+                w.sum()
+
+    return call
+
+
 # ---------------------------------------------------------------------------------------------- correctness
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
@@ -318,6 +344,9 @@ def timed_variants(blocks: Blocks, impls: tuple[str, ...], x: torch.Tensor, mode
 
         variants[name] = call
     variants["ceiling:presorted"] = ceiling_variant(blocks, x, mode)
+    floor = weight_floor_variant(blocks, x) if mode == "fwd" else None
+    if floor is not None:
+        variants["floor:weight-bytes"] = floor
     return variants
 
 
@@ -334,6 +363,7 @@ def summarise(shape_name: str, dtype: str, mode: str, res: dict[str, Timing]) ->
         "ours_over_dense": ratio(ours, dense),
         "ours_over_dense_chunked": ratio(ours, chunked),
         "ceiling_over_dense": ratio(res["ceiling:presorted"], dense),
+        "floor_over_dense": ratio(res["floor:weight-bytes"], dense) if "floor:weight-bytes" in res else None,
         "hf_best_over_dense": ratio(hf_best, dense) if hf_best else (float("nan"),) * 3,
         "ours_over_hf_best": ratio(ours, hf_best) if hf_best else (float("nan"),) * 3,
         "target_ours_over_dense": target(shape_name, dtype, mode),
@@ -361,6 +391,8 @@ def print_cell(row: dict[str, Any], flops: float) -> None:
     print(f"    ours / {row['hf_best'] or 'hf'}         {fmt_ratio(row['ours_over_hf_best'])}")
     print(f"    ours / dense:chunked1024    {fmt_ratio(row['ours_over_dense_chunked'])}")
     print(f"    ceiling:presorted / dense   {fmt_ratio(row['ceiling_over_dense'])}", flush=True)
+    if row["floor_over_dense"] is not None:
+        print(f"    floor:weight-bytes / dense  {fmt_ratio(row['floor_over_dense'])}", flush=True)
 
 
 def summary_table(rows: list[dict[str, Any]]) -> str:
@@ -376,6 +408,7 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
         "hf best / dense",
         "ours / hf best",
         "ceiling / dense",
+        "floor / dense",
         "target",
     ]
     body = []
@@ -396,6 +429,7 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
                 f"{r['hf_best_over_dense'][0]:.2f}",
                 f"{r['ours_over_hf_best'][0]:.2f}",
                 f"{r['ceiling_over_dense'][0]:.2f}",
+                f"{r['floor_over_dense'][0]:.2f}" if r["floor_over_dense"] is not None else "-",
                 verdict,
             ]
         )

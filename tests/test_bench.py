@@ -107,6 +107,14 @@ def test_cpu_block_benchmark_smoke(tmp_path):
         assert text in out, text
     rows = json.loads(out_json.read_text())["results"]
     assert {(r["dtype"], r["mode"]) for r in rows} == {(d, m) for d in ("fp32", "bf16") for m in ("fwd", "fwdbwd")}
+    assert all(r["floor_over_dense"] is None for r in rows)  # 512 rows per expert: no weight-bytes floor
+
+
+def test_cpu_block_benchmark_decode_shape_times_the_weight_bytes_floor():
+    args = ("--shapes", "decode", "--dtypes", "fp32", "--modes", "fwd", "--rounds", "2", "--warmup", "1")
+    out = _run("bench_block.py", *args, "--block-s", "0.02", "--wait-quiet", "0", timeout=300)
+    assert "floor:weight-bytes / dense" in out
+    assert "| decode-sized (512, 1408, 8, 2, 8) | fp32 | fwd |" in out
 
 
 def test_cpu_model_benchmark_smoke(tmp_path):
