@@ -168,8 +168,8 @@ def _grouped_autograd(
 
 # At or below this many (token, expert) assignments, inference skips sorting and grouping (decode steps).
 SMALL_BATCH_ASSIGNMENTS = 8
-# float32 CPU GEMMs with at most this many rows run as W @ x^T (see `_linear`).
-SMALL_GEMM_ROWS = 16
+# float32 CPU GEMMs with at most this many rows run as one dot per weight row and input row (see `_linear`).
+SMALL_GEMM_ROWS = 3
 
 
 def _needs_grad(*tensors: torch.Tensor | None) -> bool:
@@ -231,18 +231,19 @@ def _few_token_loop(
 
 
 def _linear(x_nD: torch.Tensor, w_OD: torch.Tensor, b_O: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear(x_nD, w_OD, b_O)`, (n, O), with the float32 CPU kernels that stream an expert's weights fastest when
-    only a few rows use them. MKL's sgemm for x @ W^T with n <= 8 rows reads weights at ~10-15 GB/s here (one
-    thread); the same product as W @ x^T reads them at ~30 GB/s for 2 <= n <= 8, and a dot per weight row
-    (`vecdot`, a multiply and an ATen reduction on every thread) does for n = 1 (bench/RESULTS.md, "decode").
-    Up to 16 rows W @ x^T is no slower; beyond that, and for other dtypes and devices, `F.linear`."""
+    """`F.linear(x_nD, w_OD, b_O)`, (n, O), streaming the weights faster when only a few float32 rows use them on
+    the CPU. There `F.linear` with n <= 3 rows reads weights at ~10-15 GB/s (MKL's single-threaded GEMV path);
+    a dot per weight row per input row (`vecdot`: a multiply and an ATen reduction, on every thread) reads them
+    at ~25-30 GB/s (bench/RESULTS.md, "decode"). It is also bitwise independent of the weights' memory alignment,
+    which MKL's GEMV is not (a checkpoint loaded from safetensors gives the same logits as the model it came
+    from); MKL's W @ x^T, faster still for 2-16 rows, is not either, so it is not used. Other dtypes, devices
+    and more rows: `F.linear`."""
     n = x_nD.shape[0]
     if x_nD.dtype != torch.float32 or x_nD.device.type != "cpu" or n > SMALL_GEMM_ROWS:
         return F.linear(x_nD, w_OD, b_O)
-    if n == 1:
-        y_nO = torch.linalg.vecdot(w_OD, x_nD.unsqueeze(1))  # (O, D) . (1, 1, D) -> (1, O)
-    else:
-        y_nO = torch.mm(w_OD, x_nD.contiguous().t()).t()  # (O, n) -> (n, O) view; B = x^T in column-major order
+    # (O, D) . (1, 1, D) -> (1, O) per row; rows one at a time, so no (n, O, D) product is ever allocated
+    rows = [torch.linalg.vecdot(w_OD, x_nD[r : r + 1].unsqueeze(1)) for r in range(n)]
+    y_nO = rows[0] if n == 1 else torch.cat(rows)
     return y_nO.add_(b_O) if b_O is not None else y_nO
 
 
