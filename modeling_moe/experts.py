@@ -1,7 +1,7 @@
 """Experts: 3-D SwiGLU weights and one entry point, `experts_forward(x, indices, weights)`.
 
 `experts_forward` picks among exact implementations of the same sum (each tested against a plain loop):
-    few_token_experts_forward  a handful of assignments on the CPU: one GEMV pair per assignment, no sort
+    few_token_experts_forward  a handful of assignments on the CPU: each hit expert once on its rows, no sort
     gathered_experts_forward   a handful of assignments on CUDA: gathered weights, static shapes, no host sync
     triton_experts_forward     CUDA with triton (triton_experts.py): fused gather / SwiGLU / scatter kernels
     grouped_experts_forward    everything else: sort -> one GEMM pair per expert group -> weighted combine
@@ -186,8 +186,8 @@ def few_token_experts_forward(
     gate_up_bias_EH: torch.Tensor | None = None,
     down_bias_ED: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Inference path for a handful of tokens (batch-1 / small-batch decoding): each assignment runs its expert
-    directly on its token's row, with no sort, gather or scatter. Same arguments and result as
+    """Inference path for a handful of tokens (batch-1 / small-batch decoding): each hit expert runs once on the
+    rows of its tokens, with no sort. Same arguments and result as
     `grouped_experts_forward`; the sentinel E (dropped) is skipped.
 
     The loop reads the expert indices on the host, which `torch.compile` cannot trace; under compilation (e.g.
@@ -281,7 +281,7 @@ def experts_forward(
     Every path below is exact against the same plain loop (tests/test_experts.py, tests/test_triton_experts.py);
     this function only picks the fastest one for the inputs:
         few assignments, no grad   CUDA: `gathered_experts_forward` (no host sync: CUDA-graph capturable);
-                                   CPU: `few_token_experts_forward` (one GEMV pair per assignment).
+                                   CPU: `few_token_experts_forward` (each hit expert once, no sort).
         CUDA with triton, SwiGLU   `triton_experts_forward` (fused gather/SwiGLU/scatter kernels).
         otherwise                  `grouped_experts_forward` (sorted groups, one GEMM pair per expert).
     """
