@@ -42,10 +42,11 @@ class GroupedExperts(torch.autograd.Function):
     Inputs: x_TD (T, D); gate_up_EHD (E, 2I, D); down_EDI (E, D, I); optional biases gate_up_bias_EH (E, 2I) and
     down_bias_ED (E, D) (or None); weights_TK (T, K) routing weights (float32 from the router); order_N: the
     routed (token, choice) slots t*K + k, sorted by expert; counts: assignments per expert (python ints, sum N);
-    K. Output: y_TD (T, D) = sum_k weights_TK[t, k] * expert(x_TD[t]), accumulated in float32 for 16-bit inputs
-    (one rounding per token, as a weighted sum in one GEMM would). Saved for the backward: each expert's
-    (n_e, 2I) gate/up activations, as autograd would; SiLU and the product are recomputed. The routing weights'
-    gradient dL/dw = <dL/dy_t, expert(x_t)> = <dL/dy_t W2, h> (+ <dL/dy_t, b2>) reuses the backward's dh GEMM.
+    K; grad: `torch.is_grad_enabled()` at the call (without it nothing is saved). Output: y_TD (T, D) =
+    sum_k weights_TK[t, k] * expert(x_TD[t]), accumulated in float32 for 16-bit inputs (one rounding per token,
+    as a weighted sum in one GEMM would). Saved for the backward: each expert's (n_e, 2I) gate/up activations, as
+    autograd would; SiLU and the product are recomputed. The routing weights' gradient
+    dL/dw = <dL/dy_t, expert(x_t)> = <dL/dy_t W2, h> (+ <dL/dy_t, b2>) reuses the backward's dh GEMM.
     """
 
     @staticmethod
@@ -55,8 +56,8 @@ class GroupedExperts(torch.autograd.Function):
         y_TD = torch.zeros(T, D, dtype=acc_dtype, device=x_TD.device)
         token_N = order_N // K
         weight_N1 = weights_TK.reshape(-1).index_select(0, order_N).unsqueeze(-1)  # (N, 1)
-        # `grad`: grad mode was on outside (inside forward it is always off). Without a backward (no_grad, or
-        # nothing requires grad), SwiGLU runs in place on gu, nothing is saved, and few-row GEMMs use `_linear`.
+        # `grad`: grad mode was on at the call (inside forward it is always off, and `needs_input_grad` only says
+        # which inputs require grad). Without a backward, SwiGLU runs in place on gu and nothing is saved.
         keep = grad and any(ctx.needs_input_grad[:6])
         I = down_EDI.shape[-1]
         gu_per_expert = []
@@ -68,11 +69,9 @@ class GroupedExperts(torch.autograd.Function):
             tokens = token_N[start:end]
             x_nD = x_TD.index_select(0, tokens)
             b1, b2 = _bias(gate_up_bias_EH, e), _bias(down_bias_ED, e)
-            # (n, 2I); F.linear beats mm(x, W.t()) by ~25% in CPU bf16. `_linear`'s few-row kernels only without
-            # a backward: their transposed outputs would slow the backward's GEMMs down.
-            gu = F.linear(x_nD, gate_up_EHD[e], b1) if keep else _linear(x_nD, gate_up_EHD[e], b1)
+            gu = _linear(x_nD, gate_up_EHD[e], b1)  # (n, 2I)
             h = F.silu(gu[:, :I], inplace=not keep).mul_(gu[:, I:])  # SwiGLU (Shazeer 2020, Eq. 6), (n, I)
-            y = F.linear(h, down_EDI[e], b2) if keep else _linear(h, down_EDI[e], b2)  # (n, D)
+            y = _linear(h, down_EDI[e], b2)  # (n, D)
             w = weight_N1[start:end]
             # combine: y_t += w_tk * expert(x_t) (Shazeer et al. 2017, Eq. 1); the product promotes 16-bit y
             y_TD.index_add_(0, tokens, y.mul_(w) if y.dtype == acc_dtype else y * w)
