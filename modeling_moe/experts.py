@@ -110,8 +110,7 @@ class GroupedExperts(torch.autograd.Function):
             tokens = token_N[start:end]
             gu = next(gu_iter)  # (n, 2I)
             gate, up = gu[:, :I], gu[:, I:]
-            sig = torch.sigmoid(gate)
-            act = gate * sig  # silu(gate)
+            act = F.silu(gate)  # (n, I)
             h = act * up  # (n, I)
             dy = dy_TD.index_select(0, tokens)  # (n, D): dL/d(expert output), before the routing weight
             dh = torch.mm(dy, down_EDI[e])  # (n, I)
@@ -128,9 +127,11 @@ class GroupedExperts(torch.autograd.Function):
             if need_b2:
                 torch.sum(dy, dim=0, out=db2[e])
             dgu = torch.empty_like(gu)
-            # d gate = dh * up * silu'(g), silu'(g) = s (1 + g (1 - s)) = s (1 + g - silu(g)); in place, no temporaries
-            torch.sub(gate, act, out=dgu[:, :I]).add_(1).mul_(sig).mul_(up).mul_(dh)
-            torch.mul(dh, act, out=dgu[:, I:])
+            torch.mul(dh, act, out=dgu[:, I:])  # d up = dh * silu(g)
+            # d gate = dh * up * silu'(g), silu'(g) = s (1 + g (1 - s)): ATen's fused kernel, in place in dgu (one
+            # pass and, in 16-bit, one rounding instead of five elementwise ops)
+            d_gate = torch.mul(dh, up, out=dgu[:, :I])
+            torch.ops.aten.silu_backward.grad_input(d_gate, gate, grad_input=d_gate)
             if need_w1:
                 torch.mm(dgu.t(), x_TD.index_select(0, tokens), out=dw1[e])  # dL/dW1 = dgu^T x
             if need_b1:
