@@ -145,7 +145,7 @@ class MoeConfig(PreTrainedConfig):
     """
 
     model_type = "moe_lm"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]  # the KV cache, named `cache` from transformers 5.24
     attribute_map = {"num_experts": "num_local_experts"}
     base_model_pp_plan = {
         "embed_tokens": (["input_ids"], ["inputs_embeds"]),

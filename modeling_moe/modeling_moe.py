@@ -10,13 +10,13 @@ H attention heads, Hkv key-value heads, d head size.
 The MoE block reads as its four steps: route -> apply capacity -> experts (sorted, grouped GEMMs) -> combine.
 """
 
-from __future__ import annotations
-
 import contextlib
+import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
+import transformers
 from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
@@ -55,6 +55,45 @@ HUB_AUTO_MAP = {
     "AutoModelForCausalLM": "modeling_moe.MoeForCausalLM",
     "AutoModelForSequenceClassification": "modeling_moe.MoeForSequenceClassification",
 }
+
+
+def _installed_cache_name() -> str:
+    """The name under which the installed transformers passes the KV cache to a model and reads it back from its
+    output: `cache` from 5.24 on (`past_key_values` is then a deprecated alias), `past_key_values` before.
+
+    These files travel with saved models and run on whatever release their user has, so the convention is read off
+    the installed release once, and an unknown one fails here, loudly, instead of generating wrong tokens.
+    """
+    fields = getattr(MoeModelOutputWithPast, "__dataclass_fields__", {})
+    for name in ("cache", "past_key_values"):
+        if name in fields and name in inspect.signature(create_causal_mask).parameters:
+            return name
+    raise ImportError(
+        f"transformers {transformers.__version__} passes the KV cache under a name this model's code does not know "
+        "(neither `cache` nor `past_key_values` is a field of MoeModelOutputWithPast and a parameter of "
+        "create_causal_mask); install a transformers release from 5.23 to 5.24, the range this code is tested on"
+    )
+
+
+# "cache" or "past_key_values": the keyword this model uses towards transformers (mask builders, output fields,
+# the decoder layers, whose gradient-checkpointing wrapper drops the cache under this name).
+CACHE_NAME = _installed_cache_name()
+
+
+def _resolve_cache(cache: Cache | None, past_key_values: Cache | None, kwargs: dict) -> Cache | None:
+    """The one cache of a forward call, whichever name the caller used (5.24's `generate()` passes `cache=`,
+    5.23's and older user code `past_key_values=`). Both at once, or a Cache object under any other keyword (a
+    future release renaming it again), is an error rather than a silently uncached decode step."""
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise ValueError("pass the KV cache as `cache` or as `past_key_values`, not both")
+    for key, value in kwargs.items():
+        if isinstance(value, Cache):
+            raise TypeError(
+                f"got a KV cache as `{key}=`, which this model does not read (it takes `cache`, or `past_key_values`); "
+                f"transformers {transformers.__version__} may pass the cache under a new name that this model's "
+                "code predates: install a transformers release from 5.23 to 5.24, the range this code is tested on"
+            )
+    return cache if cache is not None else past_key_values
 
 
 @dataclass
@@ -123,10 +162,13 @@ class MoeAttention(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
+        cache: Cache | None = None,
         past_key_values: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(B, S, D) hidden states -> (B, S, D) attention output and, for eager attention, (B, H, S, S') weights."""
+        """(B, S, D) hidden states -> (B, S, D) attention output and, for eager attention, (B, H, S, S') weights.
+        The KV cache comes as `cache` (transformers >= 5.24) or `past_key_values` (older)."""
+        cache = cache if cache is not None else past_key_values
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, H, S, d)
@@ -135,8 +177,8 @@ class MoeAttention(nn.Module):
 
         cos, sin = position_embeddings
         query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
-        if past_key_values is not None:
-            key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+        if cache is not None:
+            key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -240,11 +282,15 @@ class MoeDecoderLayer(GradientCheckpointingLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
         past_key_values: Cache | None = None,
         moe_token_mask: torch.Tensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
-        """(B, S, D) -> (B, S, D). `moe_token_mask` (B, S) bool marks real tokens for the MoE capacity."""
+        """(B, S, D) -> (B, S, D). `moe_token_mask` (B, S) bool marks real tokens for the MoE capacity. The KV
+        cache comes as `cache` or `past_key_values` (`MoeModel` uses the installed release's name, `CACHE_NAME`,
+        which transformers' gradient-checkpointing wrapper clears in training)."""
+        cache = cache if cache is not None else past_key_values
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
         hidden_states, _ = self.self_attn(
@@ -252,7 +298,7 @@ class MoeDecoderLayer(GradientCheckpointingLayer):
             position_embeddings=position_embeddings,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             **kwargs,
         )
         hidden_states = residual + hidden_states
@@ -270,7 +316,7 @@ class MoePreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["MoeDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]  # the KV cache's name from 5.24 on, and before
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -397,21 +443,26 @@ class MoeModel(MoePreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        past_key_values: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> MoeModelOutput:
         """(B, S) token ids or (B, S, D) embeddings -> (B, S, D) final hidden states, plus the cache and,
-        when requested, hidden states, attentions and raw router logits (one (T, E) tensor per MoE layer)."""
+        when requested, hidden states, attentions and raw router logits (one (T, E) tensor per MoE layer).
+
+        The KV cache comes as `cache` (transformers >= 5.24) or `past_key_values` (its older name) and is returned
+        in the output field of the installed release (`.cache`, or `.past_key_values` before 5.24)."""
+        cache = _resolve_cache(cache, past_key_values, kwargs)
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
         if position_ids is None:
-            past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
+            past_seen_tokens = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
 
@@ -420,7 +471,7 @@ class MoeModel(MoePreTrainedModel):
                 "config": self.config,
                 "inputs_embeds": inputs_embeds,
                 "attention_mask": attention_mask,
-                "past_key_values": past_key_values,
+                CACHE_NAME: cache,
                 "position_ids": position_ids,
             }
             causal_mask_mapping = {"full_attention": create_causal_mask(**mask_kwargs)}
@@ -438,13 +489,13 @@ class MoeModel(MoePreTrainedModel):
                 attention_mask=causal_mask_mapping[self.config.layer_types[i]],
                 position_embeddings=position_embeddings,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
                 use_cache=use_cache,
                 moe_token_mask=moe_token_mask,
+                **{CACHE_NAME: cache},  # the name transformers' gradient-checkpointing wrapper clears
                 **kwargs,
             )
         hidden_states = self.norm(hidden_states)
-        return MoeModelOutput(last_hidden_state=hidden_states, past_key_values=past_key_values)
+        return MoeModelOutput(last_hidden_state=hidden_states, **{CACHE_NAME: cache})
 
 
 def _token_mask_for_losses(attention_mask, seq_len: int) -> torch.Tensor | None:
@@ -510,15 +561,17 @@ class MoeForCausalLM(MoePreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_router_logits: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> MoeCausalLMOutput:
-        """Args: input_ids (B, S); attention_mask (B, S) or (B, S_past + S); labels (B, S), -100 = ignored.
+        """Args: input_ids (B, S); attention_mask (B, S) or (B, S_past + S); labels (B, S), -100 = ignored;
+        cache: the KV cache (`past_key_values`, its name before transformers 5.24, is accepted too).
 
         Returns `MoeCausalLMOutput` (a `MoeCausalLMOutputWithPast`): logits (B, S or logits_to_keep, vocab;
         None in training with labels when `config.lm_loss_chunk_size` is set), loss, aux_loss (always), cache;
@@ -534,7 +587,7 @@ class MoeForCausalLM(MoePreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=_resolve_cache(cache, past_key_values, kwargs),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_router_logits=record,  # the router losses need them; returned only when asked
@@ -569,7 +622,7 @@ class MoeForCausalLM(MoePreTrainedModel, GenerationMixin):
             loss=loss,
             aux_loss=aux_loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             router_logits=router_logits if output_router_logits else None,
