@@ -20,7 +20,7 @@ import torch
 import transformers
 from transformers import HfArgumentParser, set_seed
 
-from training.corpus import write_corpus
+from modeling_moe.corpus import write_corpus
 
 from . import cost as cost_lib
 from . import routing as routing_lib
@@ -173,7 +173,7 @@ def run(args: EvalArguments) -> dict:
             "model": args.model,
             "compare_model": args.compare_model,
             "model_kind": loaded.kind,
-            "dataset": args.dataset or "Python standard-library docstrings (training.corpus)",
+            "dataset": args.dataset or "Python standard-library docstrings (modeling_moe.corpus)",
             "texts": len(texts),
             "dtype": args.dtype,
             "device": args.device,

@@ -17,9 +17,9 @@ import torch
 from eval.lm_eval_adapter import SHIPPED_TASKS, task_specs
 from eval.loading import EvalInputError
 from modeling_moe import MoeForCausalLM
+from modeling_moe.corpus import stdlib_paragraphs
 from modeling_moe.hub import save_hub_ready
 from tests.conftest import tiny_config
-from training.corpus import stdlib_paragraphs
 from training.tokenizer import train_byte_level_bpe
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -13,8 +13,8 @@ from eval.loading import EvalInputError, load_model
 from eval.perplexity import evaluate_perplexity, load_texts, strided_windows, tokenize_documents
 from eval.run import main
 from modeling_moe import MoeForCausalLM
+from modeling_moe.corpus import stdlib_paragraphs
 from tests.conftest import tiny_config
-from training.corpus import stdlib_paragraphs
 from training.tokenizer import train_byte_level_bpe
 
 TEXTS = ["Return the sum of a list.", "Open a file and return a stream; raise OSError upon failure. Thé end."]

@@ -17,9 +17,9 @@ from eval.report import render_html
 from eval.run import main
 from eval.screenshot import find_chromium, screenshot
 from modeling_moe import MoeForCausalLM
+from modeling_moe.corpus import stdlib_paragraphs
 from modeling_moe.hub import save_hub_ready
 from tests.conftest import tiny_config
-from training.corpus import stdlib_paragraphs
 from training.tokenizer import train_byte_level_bpe
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -26,10 +26,18 @@ from transformers import (
 )
 
 from modeling_moe import MoeForCausalLM
-from modeling_moe import upcycling as up
 from modeling_moe.modeling_moe import MoeSparseBlock
 from modeling_moe.routing import MoeRouter
-from modeling_moe.upcycling import DegenerateRouterWarning, DenseFFN, UpcyclingError, upcycle
+from modeling_moe.upcycling import (
+    DegenerateRouterWarning,
+    DenseFFN,
+    UpcyclingError,
+    checkpoint,
+    expert_init,
+    router_init,
+    streaming,
+    upcycle,
+)
 from tests.conftest import tiny_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -247,7 +255,7 @@ def test_switch_upcycling_scales_the_dense_ffn_by_the_router_probability():
 def test_noise_changes_experts_by_the_requested_scale():
     ffn = DenseFFN(torch.randn(64, 32) * 0.5, torch.randn(64, 32), torch.randn(32, 64) * 2)
     g = torch.Generator().manual_seed(0)
-    noisy = up.add_noise(up.copy_experts(ffn, 4), ffn, 0.1, g)
+    noisy = expert_init.add_noise(expert_init.copy_experts(ffn, 4), ffn, 0.1, g)
     delta_gate = noisy.gate_up[:, :64] - ffn.gate
     delta_down = noisy.down - ffn.down
     assert abs(float(delta_gate.std()) - 0.1 * float(ffn.gate.std())) < 0.01
@@ -255,13 +263,13 @@ def test_noise_changes_experts_by_the_requested_scale():
     assert not torch.allclose(noisy.gate_up[0], noisy.gate_up[1])  # independent per expert
 
 
-# ------------------------------------------------------------------------------------------ init strategies
+# ------------------------------------------------------------------------------------------ expert init
 def test_drop_upcycling_redraws_a_fraction_per_expert_from_the_dense_statistics():
     I, D, E, r = 256, 64, 4, 0.5
     g = torch.Generator().manual_seed(0)
     ffn = DenseFFN(torch.randn(I, D, generator=g) * 0.5 + 0.1, torch.randn(I, D, generator=g) * 0.2 - 0.3,
                    torch.randn(D, I, generator=g) * 0.8)  # fmt: skip
-    experts = up.drop_upcycle_experts(ffn, E, r, torch.Generator().manual_seed(1))
+    experts = expert_init.drop_upcycle_experts(ffn, E, r, torch.Generator().manual_seed(1))
     subsets = []
     redrawn = {"gate": [], "up": [], "down": []}
     for e in range(E):
@@ -280,8 +288,8 @@ def test_drop_upcycling_redraws_a_fraction_per_expert_from_the_dense_statistics(
         values = torch.cat([v.reshape(-1) for v in redrawn[name]])
         assert abs(float(values.mean() - dense_w.mean())) < 0.02, name
         assert abs(float(values.std() / dense_w.std()) - 1) < 0.03, name
-    same = up.drop_upcycle_experts(ffn, E, 0.0, torch.Generator().manual_seed(1))
-    assert torch.equal(same.gate_up, up.copy_experts(ffn, E).gate_up)
+    same = expert_init.drop_upcycle_experts(ffn, E, 0.0, torch.Generator().manual_seed(1))
+    assert torch.equal(same.gate_up, expert_init.copy_experts(ffn, E).gate_up)
 
 
 def test_drop_upcycling_end_to_end_changes_the_function_and_is_seeded():
@@ -297,12 +305,12 @@ def test_drop_upcycling_end_to_end_changes_the_function_and_is_seeded():
 def test_neuron_split_random_partition():
     I, D, E = 64, 16, 4
     ffn = DenseFFN(torch.randn(I, D), torch.randn(I, D), torch.randn(D, I))
-    parts = up.neuron_partition(ffn, E, "random", torch.Generator().manual_seed(0))
+    parts = expert_init.neuron_partition(ffn, E, "random", torch.Generator().manual_seed(0))
     assert [len(p) for p in parts] == [I // E] * E
     assert torch.equal(torch.cat(parts).sort().values, torch.arange(I))  # disjoint and covering
-    other = up.neuron_partition(ffn, E, "random", torch.Generator().manual_seed(1))
+    other = expert_init.neuron_partition(ffn, E, "random", torch.Generator().manual_seed(1))
     assert any(not torch.equal(a, b) for a, b in zip(parts, other))
-    experts = up.neuron_split_experts(ffn, E, "random", 4.0, torch.Generator().manual_seed(0))
+    experts = expert_init.neuron_split_experts(ffn, E, "random", 4.0, torch.Generator().manual_seed(0))
     for e, p in enumerate(parts):  # expert e holds exactly its neurons; down scaled by E
         assert torch.equal(experts.gate_up[e, : I // E], ffn.gate[p])
         assert torch.equal(experts.gate_up[e, I // E :], ffn.up[p])
@@ -316,7 +324,7 @@ def test_neuron_split_cluster_recovers_planted_neuron_groups():
     group = torch.randperm(I, generator=g) % E  # 16 neurons per planted group, shuffled
     rows = centers[group] + 0.05 * torch.randn(I, 2 * D, generator=g)
     ffn = DenseFFN(rows[:, :D], rows[:, D:], torch.randn(D, I, generator=g))
-    parts = up.neuron_partition(ffn, E, "cluster", torch.Generator().manual_seed(0))
+    parts = expert_init.neuron_partition(ffn, E, "cluster", torch.Generator().manual_seed(0))
     assert sorted(len(p) for p in parts) == [I // E] * E
     assert {frozenset(p.tolist()) for p in parts} == {
         frozenset(torch.nonzero(group == c).squeeze(1).tolist()) for c in range(E)
@@ -332,11 +340,12 @@ def _clustered_hidden_states(E: int, D: int, per_cluster: int, seed: int) -> tup
     return offset + centers[labels] + 0.3 * torch.randn(E * per_cluster, D, generator=g), labels
 
 
+# ------------------------------------------------------------------------------------------ router init
 def test_hidden_state_router_sends_distinct_clusters_to_distinct_experts():
     E, D = 4, 32
     x, _ = _clustered_hidden_states(E, D, 50, seed=1)
-    weight = up.hidden_state_router(x, E, torch.Generator().manual_seed(0))
-    assert not up.degenerate_router_pairs(weight)
+    weight = router_init.hidden_state_router(x, E, torch.Generator().manual_seed(0))
+    assert not router_init.degenerate_router_pairs(weight)
     router = MoeRouter(tiny_config(hidden_size=D, num_local_experts=E, num_experts_per_tok=1)).eval()
     with torch.no_grad():
         router.weight.copy_(weight)
@@ -350,8 +359,8 @@ def test_hidden_state_router_sends_distinct_clusters_to_distinct_experts():
 
 def test_degenerate_router_warning():
     x = torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0]]).repeat(20, 1) + torch.tensor([0, 0, 5.0, 0])
-    weight = up.hidden_state_router(x, 4, torch.Generator().manual_seed(0))  # 2 directions, 4 experts
-    assert up.degenerate_router_pairs(weight)
+    weight = router_init.hidden_state_router(x, 4, torch.Generator().manual_seed(0))  # 2 directions, 4 experts
+    assert router_init.degenerate_router_pairs(weight)
     dense = _dense("llama")
     with pytest.warns(DegenerateRouterWarning, match="layer 0"):
         upcycle(dense, num_experts=4, router_init="zeros")
@@ -362,14 +371,14 @@ def test_degenerate_router_warning():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from training.corpus import stdlib_paragraphs
+    from modeling_moe.corpus import stdlib_paragraphs
     from training.tokenizer import train_byte_level_bpe
 
     return train_byte_level_bpe(stdlib_paragraphs(max_chars=40_000), vocab_size=300)
 
 
 def test_hidden_router_init_from_calibration_text(tokenizer):
-    from training.corpus import stdlib_paragraphs
+    from modeling_moe.corpus import stdlib_paragraphs
 
     torch.manual_seed(0)
     dense = LlamaForCausalLM(LlamaConfig(**{**COMMON, "vocab_size": 300})).eval()
@@ -393,7 +402,7 @@ def test_streams_sharded_safetensors_one_file_at_a_time(tmp_path, monkeypatch):
     shards = sorted((tmp_path / "dense").glob("*.safetensors"))
     assert len(shards) >= 3
     open_now, peak, opened = [0], [0], []
-    real_open = up.safe_open
+    real_open = checkpoint.safe_open
 
     class CountingOpen:
         def __init__(self, path, **kw):
@@ -409,7 +418,7 @@ def test_streams_sharded_safetensors_one_file_at_a_time(tmp_path, monkeypatch):
             open_now[0] -= 1
             return self.handle.__exit__(*exc)
 
-    monkeypatch.setattr(up, "safe_open", CountingOpen)
+    monkeypatch.setattr(checkpoint, "safe_open", CountingOpen)
     moe = upcycle(tmp_path / "dense", num_experts=4, out_dir=tmp_path / "moe", router_std=3.0)
     assert peak[0] == 1 and set(opened) == {s.name for s in shards}
     index = json.loads((tmp_path / "moe" / "model.safetensors.index.json").read_text())
@@ -492,7 +501,7 @@ def test_a_failure_mid_write_keeps_the_old_folder(tmp_path, monkeypatch):
     def boom(*_args, **_kw):
         raise OSError("disk full")
 
-    monkeypatch.setattr(up, "save_file", boom)
+    monkeypatch.setattr(streaming, "save_file", boom)
     with pytest.raises(OSError, match="disk full"):
         upcycle(_dense("llama"), num_experts=4, out_dir=out, overwrite=True)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]

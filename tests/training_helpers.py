@@ -7,7 +7,7 @@ import os
 import socket
 from pathlib import Path
 
-from training.corpus import write_corpus
+from modeling_moe.corpus import write_corpus
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CORPUS_CHARS = 60_000

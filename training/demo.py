@@ -41,10 +41,10 @@ from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArgumen
 from eval.perplexity import evaluate_perplexity, tokenize_documents
 from eval.routing import collect_routing
 from modeling_moe import MoeForCausalLM, count_parameters, load_preset
+from modeling_moe.corpus import stdlib_paragraphs
 from modeling_moe.hub import model_card, save_hub_ready
 from modeling_moe.upcycling import upcycle
 from training import finetune_lora, train
-from training.corpus import stdlib_paragraphs
 from training.data import DataArguments, load_raw_datasets, tokenize_and_pack
 from training.tokenizer import train_byte_level_bpe
 

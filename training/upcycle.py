@@ -83,7 +83,7 @@ def read_calibration(path: str | None) -> list[str] | None:
     if path is None:
         return None
     if path == "stdlib":
-        from training.corpus import stdlib_paragraphs
+        from modeling_moe.corpus import stdlib_paragraphs
 
         return stdlib_paragraphs(max_chars=400_000)
     file = Path(path)

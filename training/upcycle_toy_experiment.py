@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from transformers import HfArgumentParser, LlamaConfig, LlamaForCausalLM
 
 from modeling_moe.accounting import count_parameters
+from modeling_moe.corpus import stdlib_paragraphs
 from modeling_moe.upcycling import upcycle
-from training.corpus import stdlib_paragraphs
 from training.tokenizer import train_byte_level_bpe
 
 

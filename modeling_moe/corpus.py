@@ -1,7 +1,8 @@
 """A real English text corpus that needs no download: the docstrings of Python's standard library.
 
-Used by the demo and the tests to train a tokenizer and a tiny model offline. The text is written as one
-document per paragraph to a plain-text file that `datasets.load_dataset("text", ...)` reads.
+Used offline by the demo and the tests (to train a tokenizer and a tiny model) and by `python -m eval` (its default
+perplexity text), so it sits below both `training` and `eval`. The text is written as one document per paragraph
+to a plain-text file that `datasets.load_dataset("text", ...)` reads.
 """
 
 from __future__ import annotations
