@@ -5,20 +5,12 @@ Checkpoints") starts an MoE from a trained dense model: every weight outside the
 layer's FFN becomes E experts plus a new router. This package does that as a declarative key map (`KEY_MAP`,
 `MOE_LAYER_KEYS`) plus small, separate initialisation strategies:
 
-Experts (`EXPERT_INITS`), with the dense FFN down(act(gate x) * up x) of width I:
-    copy            every expert is the dense FFN (Komatsuzaki et al. 2022, Sec. 3.1); `noise_std` > 0 adds
-                    Gaussian noise of that many standard deviations of each dense matrix.
-    drop_upcycling  each expert re-initialises a random fraction `drop_ratio` of its intermediate neurons (gate and
-                    up rows, down columns), a different subset per expert, from N(mean, std) of the dense matrix
-                    (Nakamura et al. 2025, "Drop-Upcycling", Sec. 3, Eq. 4-6).
-    neuron_split    the I neurons are partitioned into E experts of I / E neurons each, at random or by balanced
-                    clustering of the neurons' gate/up rows (LLaMA-MoE, Zhu et al. 2024, Sec. 3.1,
-                    "Neuron-Independent"); each expert's down projection is scaled by `split_down_scale` (default E).
-    shared_expert   (combinable with the three above) the dense FFN is kept as an always-on shared expert with its
-                    output scaled by `shared_expert_weight` (w), the routed experts' down projections by 1 - w.
+Experts (`expert_init.EXPERT_INITS`, each strategy described there): copy, optionally with noise (Komatsuzaki
+et al. 2022, Sec. 3.1); drop_upcycling (Nakamura et al. 2025); neuron_split, random or by balanced clustering
+(LLaMA-MoE, Zhu et al. 2024); and, combinable with any of them, the dense FFN kept as a shared expert.
 
-Router (`ROUTER_INITS`): zeros, normal(0, router_std), or hidden: k-means centroids of that layer's MLP inputs on
-a calibration text set (mergekit's "hidden" gate initialisation, done with clustering).
+Router (`router_init.ROUTER_INITS`): zeros, normal(0, router_std), or hidden: k-means centroids of that layer's MLP
+inputs on a calibration text set (mergekit's "hidden" gate initialisation, done with clustering).
 
 What is preserved exactly (fp32, eval mode, no capacity limit): with `copy` and a router whose top-k weights sum
 to 1 (topk_softmax with norm_topk_prob, noisy_topk in eval, sigmoid_grouped with routed_scaling_factor 1), each MoE
