@@ -17,6 +17,13 @@ from modeling_moe import MoeConfig
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+def pytest_report_header(config):
+    """The releases under test, in the first lines of every run's log (scripts/test.sh runs two)."""
+    import transformers
+
+    return f"torch {torch.__version__}, transformers {transformers.__version__}"
+
+
 def tiny_config(**overrides) -> MoeConfig:
     """A 2-layer, hidden-32 config; every test starts from this and overrides what it studies."""
     values = dict(
