@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from transformers import MixtralConfig, MixtralForCausalLM, PreTrainedModel
 
 from modeling_moe import MoeConfig, MoeForCausalLM, count_parameters
+from modeling_moe.accounting import weight_bytes
 from modeling_moe.convert import moe_config_to_mixtral, to_mixtral
 
 from .loading import EvalInputError
@@ -54,15 +55,20 @@ def parameter_report(model: PreTrainedModel) -> dict:
 
     Returns:
         {"total": {component: n}, "active": {component: n}, "total_params", "active_params",
-        "weight_memory_bytes": {"bf16": bytes, "fp32": bytes}}; components only for MoE models of this
+        "weight_memory_bytes": {"bf16": bytes, "fp32": bytes} (all weights in that dtype),
+        "loaded_weight_bytes": {"total": bytes, "components": {component: bytes}} (the weights as loaded, in
+        their real dtypes: int8 / int4 quantized experts with their scales count what they take),
+        "expert_quantization": the config's scheme or None}; components only for MoE models of this
         repository (`modeling_moe.accounting.count_parameters`), otherwise one "all" component.
     """
     if getattr(model.config, "model_type", None) == "moe_lm":
         counts = count_parameters(local_moe_config(model))
         total, active = dict(counts.total), dict(counts.active)
+        loaded = weight_bytes(model)
     else:
         n = unique_parameters(model)
         total, active = {"all": n}, {"all": n}
+        loaded = {"all": sum(p.numel() * p.element_size() for p in model.parameters())}
     n_total = sum(total.values())
     return {
         "total": total,
@@ -70,6 +76,8 @@ def parameter_report(model: PreTrainedModel) -> dict:
         "total_params": n_total,
         "active_params": sum(active.values()),
         "weight_memory_bytes": {name: n_total * size for name, size in BYTES_PER_PARAM.items()},
+        "loaded_weight_bytes": {"total": sum(loaded.values()), "components": loaded},
+        "expert_quantization": getattr(model.config, "expert_quantization", None),
     }
 
 

@@ -399,6 +399,14 @@ def _routing_section(results: dict) -> str:
     return "\n".join(parts)
 
 
+def _quantization_note(params: dict) -> str:
+    spec = params.get("expert_quantization")
+    if not spec:
+        return ""
+    scheme = "int8 per channel" if spec["bits"] == 8 else f"int4, groups of {spec['group_size']}"
+    return f" (experts {scheme})"
+
+
 def _cost_section(results: dict) -> str:
     cost = results.get("cost")
     if not cost:
@@ -410,7 +418,8 @@ def _cost_section(results: dict) -> str:
     parts = [
         "<h2>Cost</h2>",
         _table(["component", "total", "active"], rows),
-        f"<p>Weights: {memory['bf16'] / 2**20:,.1f} MiB in bf16, {memory['fp32'] / 2**20:,.1f} MiB in fp32.</p>",
+        f"<p>Weights: {memory['bf16'] / 2**20:,.1f} MiB in bf16, {memory['fp32'] / 2**20:,.1f} MiB in fp32; "
+        f"as loaded{_quantization_note(params)}: {params['loaded_weight_bytes']['total'] / 2**20:,.1f} MiB.</p>",
         _img(plot_parameters(params), "parameters per component"),
     ]
     tp = cost.get("throughput")

@@ -296,7 +296,9 @@ def summary_lines(results: dict, out_dir: str) -> list[str]:
     memory = params["weight_memory_bytes"]
     lines.append(
         f"cost: {params['total_params']:,} parameters, {params['active_params']:,} active; weights "
-        f"{memory['bf16'] / 2**20:.2f} MiB bf16, {memory['fp32'] / 2**20:.2f} MiB fp32"
+        f"{memory['bf16'] / 2**20:.2f} MiB bf16, {memory['fp32'] / 2**20:.2f} MiB fp32, "
+        f"{params['loaded_weight_bytes']['total'] / 2**20:.2f} MiB as loaded"
+        + (f" (expert_quantization={params['expert_quantization']})" if params["expert_quantization"] else "")
     )
     tp = results["cost"].get("throughput")
     if tp:

@@ -13,6 +13,7 @@ from .configuration_moe import MoeConfig, MoeConfigError
 from .losses import load_balancing_loss, router_z_loss
 from .modeling_moe import MoeForCausalLM, MoeForSequenceClassification, MoeModel, MoePreTrainedModel
 from .presets import load_preset, preset_names
+from .quantized_experts import QuantizationError, quantize_experts
 from .upcycling import DegenerateRouterWarning, UpcyclingError, upcycle, upcycle_to_folder
 
 AutoConfig.register(MoeConfig.model_type, MoeConfig, exist_ok=True)
@@ -29,11 +30,13 @@ __all__ = [
     "MoeModel",
     "MoePreTrainedModel",
     "ParameterCount",
+    "QuantizationError",
     "UpcyclingError",
     "count_parameters",
     "load_balancing_loss",
     "load_preset",
     "preset_names",
+    "quantize_experts",
     "router_z_loss",
     "upcycle",
     "upcycle_to_folder",

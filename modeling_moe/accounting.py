@@ -78,12 +78,41 @@ def count_parameters(config_or_model: MoeConfig | nn.Module) -> ParameterCount:
     config = model.config
     active_fraction = config.num_experts_per_tok / config.num_local_experts
     counts = ParameterCount(total=dict.fromkeys(COMPONENTS, 0), active=dict.fromkeys(COMPONENTS, 0))
+    packed = _packed_parameters(model)
     for name, param in model.named_parameters():  # tied parameters are listed once
         component = _component(name)
-        counts.total[component] += param.numel()
+        counts.total[component] += param.numel() * packed.get(name, 1)
     for component, n in counts.total.items():
         counts.active[component] = round(n * active_fraction) if component == "experts" else n
     return counts
 
 
-__all__ = ["COMPONENTS", "ParameterCount", "count_parameters"]
+def _is_quantized_experts(module: nn.Module) -> bool:
+    """`quantized_experts.QuantizedMoeExperts`, ours or a folder's own copy of it (trust_remote_code)."""
+    return type(module).__name__ == "QuantizedMoeExperts"
+
+
+def _packed_parameters(model: nn.Module) -> dict[str, int]:
+    """Parameter name -> weights per stored element, for packed quantized experts (int4: 2 per byte)."""
+    return {
+        f"{name}.{p}": module.values_per_element
+        for name, module in model.named_modules()
+        if _is_quantized_experts(module) and module.values_per_element > 1
+        for p in ("gate_up_proj", "down_proj")
+    }
+
+
+def weight_bytes(model: nn.Module) -> dict[str, int]:
+    """Bytes the model's weights take as it is (its real dtypes), per component (see `COMPONENTS`): parameters
+    (tied ones once) plus the scales of quantized experts, which are buffers."""
+    sizes = dict.fromkeys(COMPONENTS, 0)
+    for name, param in model.named_parameters():
+        sizes[_component(name)] += param.numel() * param.element_size()
+    for name, module in model.named_modules():
+        if _is_quantized_experts(module):
+            for scale in (module.gate_up_proj_scale, module.down_proj_scale):
+                sizes[_component(f"{name}.scale")] += scale.numel() * scale.element_size()
+    return sizes
+
+
+__all__ = ["COMPONENTS", "ParameterCount", "count_parameters", "weight_bytes"]

@@ -16,6 +16,8 @@ from transformers.activations import ACT2FN
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, RopeParameters
 
+from .quantized_experts import QuantizationError, check_expert_quantization
+
 ROUTER_TYPES = ("topk_softmax", "switch", "noisy_topk", "sigmoid_grouped", "expert_choice")
 CAPACITY_POLICIES = ("drop", "priority", "next_choice")
 # norm_topk_prob=None means the router's own convention.
@@ -140,6 +142,11 @@ class MoeConfig(PreTrainedConfig):
             by about B * S * V * 4 bytes per copy of the logits. Ignored, with full logits, when the LM head is
             wrapped (peft, `modules_to_save`, device hooks, tensor parallelism) or `logits_to_keep` is set.
 
+    Quantization:
+        expert_quantization: None (float experts) or the weight-only scheme of the routed experts, set by
+            `modeling_moe.quantize_experts`: {"bits": 8} (int8, per output channel) or {"bits": 4,
+            "group_size": g} (int4, per group of g inputs). See `quantized_experts.py`.
+
     Raises:
         MoeConfigError (a ValueError): a field holds an impossible value; the message names it.
     """
@@ -208,6 +215,8 @@ class MoeConfig(PreTrainedConfig):
     output_router_logits: bool = False
     # LM loss
     lm_loss_chunk_size: int | None = None
+    # Quantization
+    expert_quantization: dict | None = None
 
     def __post_init__(self, **kwargs):
         if self.num_key_value_heads is None:
@@ -343,6 +352,11 @@ class MoeConfig(PreTrainedConfig):
             _check_positive_int("sliding_window", self.sliding_window)
         if self.lm_loss_chunk_size is not None:
             _check_positive_int("lm_loss_chunk_size", self.lm_loss_chunk_size)
+        if self.expert_quantization is not None:
+            try:
+                check_expert_quantization(self.expert_quantization, self.hidden_size, self.moe_intermediate_size)
+            except QuantizationError as err:
+                raise MoeConfigError(str(err)) from err
         _check_types_list("layer_types", self.layer_types, ATTENTION_LAYER_TYPES, self.num_hidden_layers)
         if "sliding_attention" in self.layer_types and self.sliding_window is None:
             raise MoeConfigError("layer_types has 'sliding_attention' layers, so sliding_window must be set (> 0)")

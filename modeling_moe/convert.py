@@ -85,6 +85,8 @@ def moe_config_to_mixtral(config: MoeConfig) -> MixtralConfig:
     for name in ("attention_bias", "qkv_bias", "mlp_bias"):
         if getattr(config, name):
             problems.append(f"{name}=True: Mixtral has no biases")
+    if config.expert_quantization is not None:
+        problems.append(f"expert_quantization={config.expert_quantization}: Mixtral's experts are float")
     if len(set(config.layer_types)) != 1:
         problems.append(f"layer_types={config.layer_types}: Mixtral uses one attention type on every layer")
     if problems:

@@ -46,6 +46,7 @@ from .losses import (
     load_balancing_loss_per_layer,
     router_z_loss,
 )
+from .quantized_experts import QuantizedMoeExperts
 from .routing import MoeDispatcher, MoeRouter, expert_capacity
 
 # The Auto classes a saved folder declares for trust_remote_code loading (file stem . class name).
@@ -221,7 +222,8 @@ class MoeSparseBlock(nn.Module):
         self.in_generation = False  # set by MoeForCausalLM.generate
         self.router = MoeRouter(config)
         self.dispatcher = MoeDispatcher(config)
-        self.experts = MoeExperts(config)
+        # weight-only quantized experts (quantized_experts.py) when the config records a scheme
+        self.experts = MoeExperts(config) if config.expert_quantization is None else QuantizedMoeExperts(config)
         self.shared_expert = None
         self.shared_expert_gate = None
         if config.num_shared_experts > 0:
@@ -343,6 +345,11 @@ class MoePreTrainedModel(PreTrainedModel):
         """
         if requested_experts is None:
             return "eager"
+        if self.config.expert_quantization is not None and requested_experts != "eager":
+            raise ValueError(
+                f"experts_implementation={requested_experts!r} cannot run quantized experts (expert_quantization="
+                f"{self.config.expert_quantization}); use 'eager'"
+            )
         if requested_experts in OUR_EXPERTS_IMPLEMENTATIONS:  # exact with drops and biases (experts.py)
             return super().get_correct_experts_implementation(requested_experts)
         if self.config.mlp_bias:

@@ -162,6 +162,13 @@ def resolve_lora_targets(
                 f"--lora_target_parameters entry {entry!r} names router parameters ({routers[:3]}...); routers stay "
                 "frozen by default. Pass --lora_routers to adapt them anyway"
             )
+        quantized = [n for n in hits if not params[n].is_floating_point()]
+        if quantized:
+            raise LoraTargetError(
+                f"--lora_target_parameters entry {entry!r} matches quantized (integer) expert weights "
+                f"({quantized[:3]}...): LoRA cannot adapt them. Pass --lora_target_parameters none to fine-tune "
+                "the other modules on top of the frozen quantized experts"
+            )
         bad = [n for n in hits if params[n].dim() not in (2, 3)]
         if bad:
             raise LoraTargetError(f"--lora_target_parameters entry {entry!r} matches non-matrix parameters {bad[:3]}")
