@@ -245,8 +245,8 @@ def test_parameter_counts_unchanged_and_weight_bytes_are_real():
 
 def test_eval_reports_a_quantized_model_with_its_real_weight_bytes(tmp_path):
     from eval.run import main
+    from modeling_moe.corpus import stdlib_paragraphs
     from modeling_moe.hub import save_hub_ready
-    from training.corpus import stdlib_paragraphs
     from training.tokenizer import train_byte_level_bpe
 
     tokenizer = train_byte_level_bpe(stdlib_paragraphs(max_chars=20_000), vocab_size=300)
