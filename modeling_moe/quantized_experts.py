@@ -12,7 +12,9 @@ Schemes (symmetric, round to nearest, zero point 0), for a weight row w (one out
     {"bits": 4, "group_size": g}     per group of g consecutive inputs: q in [-7, 7], s = max|w_group| / 7.
                                      Two values per byte (uint8, low nibble first): (E, O, D_in / 2);
                                      scale (E, O, D_in / g) float32. g must be even and divide D and I.
-Dequantized weight: w_hat = q * s (float32, then the activations' dtype).
+Dequantized weight: w_hat = q * s (float32, then the activations' dtype). The scales follow the model's float
+dtype when the model is cast (`.to(torch.bfloat16)`, `from_pretrained(..., dtype=torch.bfloat16)`); the product
+is still taken in float32.
 
 Shape legend: T tokens, D hidden size, I expert intermediate size, E experts, K experts per token,
 O output features of one projection (2I for gate_up, D for down), G groups per row.
