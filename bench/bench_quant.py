@@ -110,13 +110,13 @@ def memory_rows(name: str, config: MoeConfig, rest_dtypes: tuple[torch.dtype, ..
 
 
 # ------------------------------------------------------------------ perplexity
-def demo_model(demo_out: Path, quick: bool) -> tuple[Path, Path]:
+def demo_model(demo_out: Path, quick: bool, demo_args: list[str]) -> tuple[Path, Path]:
     """(trained MoE folder, held-out text file) of the demo, run into `demo_out` unless it is there already."""
     model_dir, eval_file = demo_out / "moe", demo_out / "data" / "eval.txt"
     if not (model_dir / "config.json").exists() or not eval_file.exists():
         from training import demo
 
-        demo.main(["--out", str(demo_out), *(["--smoke"] if quick else [])])
+        demo.main(["--out", str(demo_out), *(["--smoke"] if quick else []), *demo_args])
     return model_dir, eval_file
 
 
@@ -207,6 +207,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny shapes, demo --smoke, 3 short rounds")
     parser.add_argument("--demo_out", type=Path, default=Path("outputs/bench_quant_demo"), help="demo folder")
     parser.add_argument("--new_tokens", type=int, default=32)
+    parser.add_argument(
+        "--demo_args", default="", help="extra training.demo flags, e.g. '--dense_steps 100 --moe_steps 60'"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.block_s, args.warmup, args.new_tokens = 3, 0.05, 1, 4
@@ -236,8 +239,8 @@ def main(argv: list[str] | None = None) -> dict:
     )  # fmt: skip
 
     # perplexity
-    model_dir, eval_file = demo_model(args.demo_out, args.quick)
-    ppl = perplexities(model_dir, eval_file, block_size=32 if args.quick else 128)
+    model_dir, eval_file = demo_model(args.demo_out, args.quick, args.demo_args.split())
+    ppl = perplexities(model_dir, eval_file, block_size=32 if args.quick else 64)
     results["perplexity"] = ppl
     print(f"\n== perplexity on the demo's held-out text ({ppl['tokens']:,} tokens), {model_dir}")
     print(markdown_table(["experts", "perplexity", "vs fp32"], [
