@@ -25,6 +25,7 @@ from transformers.activations import ACT2FN
 from transformers.integrations import use_experts_implementation
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
+from .cpu_kernels import few_row_linear
 from .triton_experts import is_silu, triton_available, triton_experts_forward
 
 
@@ -168,7 +169,7 @@ def _grouped_autograd(
 
 # At or below this many (token, expert) assignments, inference skips sorting and grouping (decode steps).
 SMALL_BATCH_ASSIGNMENTS = 8
-# float32 CPU GEMMs with at most this many rows run as one dot per weight row and input row (see `_linear`).
+# float32 CPU GEMMs with at most this many rows run with this CPU's few-row kernel (see `_linear`).
 SMALL_GEMM_ROWS = 3
 
 
@@ -231,20 +232,14 @@ def _few_token_loop(
 
 
 def _linear(x_nD: torch.Tensor, w_OD: torch.Tensor, b_O: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear(x_nD, w_OD, b_O)`, (n, O), streaming the weights faster when only a few float32 rows use them on
-    the CPU. There `F.linear` with n <= 3 rows reads weights at ~10-15 GB/s (MKL's single-threaded GEMV path);
-    a dot per weight row per input row (`vecdot`: a multiply and an ATen reduction, on every thread) reads them
-    at ~25-30 GB/s (bench/RESULTS.md, "decode"). It is also bitwise independent of the weights' memory alignment,
-    which MKL's GEMV is not (a checkpoint loaded from safetensors gives the same logits as the model it came
-    from); MKL's W @ x^T, faster still for 2-16 rows, is not either, so it is not used. Other dtypes, devices
+    """`F.linear(x_nD, w_OD, b_O)`, (n, O). With at most `SMALL_GEMM_ROWS` float32 rows on the CPU the kernel is
+    this CPU's few-row kernel (`cpu_kernels.few_row_linear`: MKL's GEMV or one vecdot per row, whichever this
+    kind of CPU streams weights faster with and whose bits do not depend on the weights' memory alignment, so a
+    checkpoint loaded from safetensors gives the same logits as the model it came from). Other dtypes, devices
     and more rows: `F.linear`."""
-    n = x_nD.shape[0]
-    if x_nD.dtype != torch.float32 or x_nD.device.type != "cpu" or n > SMALL_GEMM_ROWS:
+    if x_nD.dtype != torch.float32 or x_nD.device.type != "cpu" or x_nD.shape[0] > SMALL_GEMM_ROWS:
         return F.linear(x_nD, w_OD, b_O)
-    # (O, D) . (1, 1, D) -> (1, O) per row; rows one at a time, so no (n, O, D) product is ever allocated
-    rows = [torch.linalg.vecdot(w_OD, x_nD[r : r + 1].unsqueeze(1)) for r in range(n)]
-    y_nO = rows[0] if n == 1 else torch.cat(rows)
-    return y_nO.add_(b_O) if b_O is not None else y_nO
+    return few_row_linear(x_nD, w_OD, b_O)
 
 
 def _few_token_swiglu(x_TD, gate_up_proj_EHD, down_proj_EDI, indices_TK, weights_TK, gate_up_bias_EH, down_bias_ED):
