@@ -1,6 +1,9 @@
-"""Standard benchmarks through the real client: lm-evaluation-harness's HF model class (`HFLM`, model "hf") with
-`trust_remote_code=True`, on our models (a folder with remote code, a model folder of this repository, or an
-in-memory model).
+"""Standard benchmarks through the real client: lm-evaluation-harness's HF model class (`HFLM`, model "hf"), on our
+models (a model folder of this repository, a folder with remote code, or an in-memory model).
+
+Remote code runs only with consent: `trust_remote_code` is off by default (as in lm-eval's and transformers' own
+command lines). A folder of this repository's models needs no consent when the `modeling_moe` package is installed:
+it is imported, so transformers uses the installed classes for `model_type` "moe_lm" and never the folder's copy.
 
 The repository ships small task definitions in lm-eval's own YAML format, with local data, in `eval/tasks/`:
 `moe_tiny_mc` (multiple choice, loglikelihood) and `moe_tiny_gen` (generate_until). Their `data_files` are
@@ -11,6 +14,8 @@ harness's JSON and HTML (`fold_results`).
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import numbers
 import os
 from pathlib import Path
@@ -72,6 +77,35 @@ def task_specs(tasks: list[str]) -> list[str | dict]:
     return specs
 
 
+def check_tasks(tasks: list[str]) -> None:
+    """Check a task list before any evaluation: lm-eval is installed, shipped tasks have their data, and every
+    other name is a task lm-eval knows (indexing lm-eval's own tasks takes a few seconds, so only then).
+
+    Raises:
+        EvalInputError: naming the unknown tasks, with close matches.
+    """
+    try:
+        from lm_eval.tasks import TaskManager
+    except ImportError as err:
+        raise EvalInputError(
+            "lm_eval_tasks: lm-evaluation-harness is not installed; `pip install lm-eval==0.4.13`, or pass "
+            "--lm_eval_tasks '' to skip benchmarks"
+        ) from err
+    specs = task_specs(tasks)
+    names = [s for s in specs if isinstance(s, str)]
+    if not names:
+        return
+    known = set(TaskManager(include_path=str(TASK_DIR), include_defaults=True).all_tasks)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        hints = {n: difflib.get_close_matches(n, known, n=3) for n in unknown}
+        shown = "; ".join(f"{n!r}" + (f" (close: {', '.join(h)})" if h else "") for n, h in hints.items())
+        raise EvalInputError(
+            f"lm_eval_tasks: unknown task(s) {shown}; shipped offline: {', '.join(SHIPPED_TASKS)}; "
+            "`lm-eval ls tasks` lists the others"
+        )
+
+
 def fold_results(raw: dict, limit: int | float | None) -> dict:
     """The JSON-ready part of lm-eval's result dict: per task, every numeric metric (with its stderr).
 
@@ -118,17 +152,19 @@ def run_lm_eval(
     num_fewshot: int | None = None,
     seed: int = 0,
     log_samples: bool = False,
+    trust_remote_code: bool = False,
 ) -> dict:
     """Run lm-evaluation-harness on a model and fold the results.
 
     Args:
-        model: a model folder or Hub id (loaded by lm-eval's `HFLM` with `trust_remote_code=True`, so a folder
-            with `auto_map` runs its own shipped code), or an in-memory `PreTrainedModel`.
+        model: a model folder or Hub id (loaded by lm-eval's `HFLM`), or an in-memory `PreTrainedModel`.
         tasks: lm-eval task names; the shipped ones (`SHIPPED_TASKS`) need no download.
         tokenizer: a folder / id, or a tokenizer object; default: the model folder's.
         limit: examples per task (None = all). batch_size, device, dtype: passed to `HFLM`.
         max_length: context length for lm-eval (default: the model config's). num_fewshot: few-shot examples.
         log_samples: keep each document's target and filtered response in the result.
+        trust_remote_code: let a folder / id run the modeling code it ships (off: only installed classes load;
+            this repository's models are installed classes when `modeling_moe` is importable).
     Returns:
         See `fold_results`.
     Raises:
@@ -143,9 +179,12 @@ def run_lm_eval(
             "--lm_eval_tasks '' to skip benchmarks"
         ) from err
     specs = task_specs(tasks)
+    if isinstance(model, (str, os.PathLike)):
+        with contextlib.suppress(ImportError):  # registers model_type "moe_lm": our folders need no remote code
+            import modeling_moe  # noqa: F401
     needs_defaults = any(isinstance(s, str) for s in specs)
     task_manager = TaskManager(include_path=str(TASK_DIR), include_defaults=needs_defaults)
-    model_args = {"pretrained": model, "trust_remote_code": True, "dtype": dtype}
+    model_args = {"pretrained": model, "trust_remote_code": trust_remote_code, "dtype": dtype}
     if isinstance(model, (str, os.PathLike)):
         model_args["pretrained"] = str(model)
     if tokenizer is not None:
@@ -177,6 +216,7 @@ __all__ = [
     "REPO_ROOT",
     "SHIPPED_TASKS",
     "TASK_DIR",
+    "check_tasks",
     "fold_results",
     "run_lm_eval",
     "shipped_task_configs",

@@ -1,6 +1,10 @@
-"""Load what the harness evaluates: a model folder of this repository (with or without remote code), a Hub-style
-folder or id, or a transformers Mixtral (converted with `modeling_moe.convert.from_mixtral`, same logits, so that
-its routing is recorded like ours), plus its tokenizer. Weights are read with safetensors only.
+"""Load what the harness evaluates: a model folder of this repository, a Hub-style folder or id, or a transformers
+Mixtral (converted with `modeling_moe.convert.from_mixtral`, same logits, so that its routing is recorded like
+ours), plus its tokenizer. Weights are read with safetensors only.
+
+Code shipped in a folder (`auto_map`) runs only with consent (`trust_remote_code=True`, `--trust_remote_code`),
+as in transformers. This repository's models never need it: `model_type` "moe_lm" always loads with the installed
+`modeling_moe` classes, even where the folder ships its own copy.
 """
 
 from __future__ import annotations
@@ -10,10 +14,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
-import modeling_moe  # noqa: F401  (registers model_type "moe_lm" with the Auto classes)
-from modeling_moe import MoeForCausalLM
+from modeling_moe import MoeForCausalLM  # importing it registers model_type "moe_lm" with the Auto classes
 from modeling_moe.convert import from_mixtral
 
 from .errors import EvalInputError
@@ -76,50 +86,76 @@ def check_model_source(source: str, field: str = "model") -> Path | None:
     return path
 
 
-def load_model(source: str, dtype: str = "float32", device: str = "cpu", field: str = "model") -> LoadedModel:
+def load_config(source: str, trust_remote_code: bool = False, field: str = "model") -> tuple[PretrainedConfig, bool]:
+    """The config of `source` and whether its own code must run: first with installed classes only (this
+    repository's `model_type` "moe_lm" is installed), then, only with consent, with the folder's code.
+
+    Raises:
+        EvalInputError: the folder ships code that would have to run and `trust_remote_code` is False, or the
+            config cannot be read.
+    """
+    try:
+        return AutoConfig.from_pretrained(source, trust_remote_code=False), False
+    except ValueError as err:
+        if "trust_remote_code" not in str(err):
+            raise EvalInputError(f"{field}: {source!r} has an unusable config: {err}") from err
+        if not trust_remote_code:
+            raise EvalInputError(
+                f"{field}: {source!r} ships its own modeling code (config auto_map) that would run on load; pass "
+                "--trust_remote_code only if you trust it"
+            ) from err
+    except OSError as err:  # not found locally and not reachable on the Hub
+        raise EvalInputError(f"{field}: could not load a model from {source!r}: {err}") from err
+    return AutoConfig.from_pretrained(source, trust_remote_code=True), True
+
+
+def load_model(
+    source: str, dtype: str = "float32", device: str = "cpu", field: str = "model", trust_remote_code: bool = False
+) -> LoadedModel:
     """Load a causal LM for evaluation.
 
     Args:
-        source: model folder or Hub id. Folders of this repository load with or without remote code; a folder
-            with `auto_map` loads its own shipped code (`trust_remote_code=True`); Mixtral is converted to ours.
+        source: model folder or Hub id. Models of this repository (`model_type` "moe_lm") load with the installed
+            `MoeForCausalLM`, whether or not the folder ships its own copy of the code; Mixtral is converted to
+            ours; any other model loads with transformers' installed classes, or with the code its folder ships
+            (`auto_map`) only when `trust_remote_code` is True.
         dtype: "float32" or "bfloat16". device: a torch device string.
         field: argument name for error messages.
+        trust_remote_code: consent to run code shipped with the model (off by default).
     Returns:
         A `LoadedModel` in eval mode.
     Raises:
-        EvalInputError: see `check_model_source`.
+        EvalInputError: see `check_model_source` and `load_config`.
     """
     check_model_source(source, field)
     torch_dtype = resolve_dtype(dtype)
+    config, remote = load_config(source, trust_remote_code, field)
     try:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=True)
         if config.model_type == "mixtral":
             model = from_mixtral(source).to(device=device, dtype=torch_dtype)
             return LoadedModel(model.eval(), str(source), "mixtral", converted_from="mixtral")
+        # `remote` is False for ours (config loaded as the installed MoeConfig): the installed MoeForCausalLM
         model = AutoModelForCausalLM.from_pretrained(
-            source, trust_remote_code=True, use_safetensors=True, dtype=torch_dtype
+            source, trust_remote_code=remote, use_safetensors=True, dtype=torch_dtype
         )
     except OSError as err:  # not found locally and not reachable on the Hub
         raise EvalInputError(f"{field}: could not load a model from {source!r}: {err}") from err
     model = model.to(device).eval()
-    kind = "moe" if isinstance(model, MoeForCausalLM) or _is_remote_moe(model) else "dense"
+    kind = "moe" if isinstance(model, MoeForCausalLM) else "dense"
     return LoadedModel(model, str(source), kind)
 
 
-def _is_remote_moe(model: PreTrainedModel) -> bool:
-    """A `MoeForCausalLM` loaded from a folder's own code is another class object with the same name."""
-    return type(model).__name__ == "MoeForCausalLM" and getattr(model.config, "model_type", None) == "moe_lm"
-
-
-def load_tokenizer(source: str | None, model_source: str, field: str = "tokenizer") -> PreTrainedTokenizerBase:
-    """The tokenizer from `source`, else from the model folder.
+def load_tokenizer(
+    source: str | None, model_source: str, field: str = "tokenizer", trust_remote_code: bool = False
+) -> PreTrainedTokenizerBase:
+    """The tokenizer from `source`, else from the model folder (its shipped code only with `trust_remote_code`).
 
     Raises:
         EvalInputError: neither holds a tokenizer; the message says to pass `--tokenizer`.
     """
     where = source or model_source
     try:
-        tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=True)
+        tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError) as err:
         hint = "" if source else f" (the model folder has none; pass --{field} PATH)"
         raise EvalInputError(f"{field}: no tokenizer could be loaded from {where!r}{hint}: {err}") from err
@@ -139,6 +175,7 @@ __all__ = [
     "LoadedModel",
     "check_model_source",
     "is_local_folder",
+    "load_config",
     "load_model",
     "load_tokenizer",
     "resolve_dtype",

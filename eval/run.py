@@ -4,27 +4,34 @@
     python -m eval --model outputs/demo/model --output_dir outputs/eval
     python -m eval --model my-moe --compare_model my-dense --dataset data.txt --max_length 512 --stride 256
 
-Arguments are the fields of `EvalArguments` (transformers' `HfArgumentParser`); `--help` lists them.
+Arguments are the fields of `EvalArguments` (transformers' `HfArgumentParser`); `--help` lists them. Every
+argument, path and lm-eval task is checked before any model is run; a user error exits with status 2 and one
+`python -m eval: error: ...` line. Outputs are all or nothing: nothing is written to `--output_dir` until every
+result is computed. A model folder that ships its own code (other than this repository's) is loaded only with
+`--trust_remote_code`.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
-import sys
+import os
+import shutil
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import transformers
-from transformers import HfArgumentParser, set_seed
+from transformers import set_seed
 
+from modeling_moe.cli import CliParser, check_device, check_output_dir, run_cli
 from modeling_moe.corpus import write_corpus
 
 from . import cost as cost_lib
 from . import routing as routing_lib
-from .lm_eval_adapter import SHIPPED_TASKS, run_lm_eval
+from .lm_eval_adapter import SHIPPED_TASKS, check_tasks, run_lm_eval
 from .loading import EvalInputError, LoadedModel, is_local_folder, load_model, load_tokenizer, resolve_dtype
 from .perplexity import (
     PerplexityResult,
@@ -36,6 +43,8 @@ from .perplexity import (
     tokenize_documents,
 )
 from .report import atomic_write_text, write_html, write_json
+
+PROG = "python -m eval"
 
 
 @dataclass
@@ -88,16 +97,38 @@ class EvalArguments:
     lm_eval_limit: float | None = field(default=None, metadata={"help": "Examples per lm-eval task (None = all)."})
     lm_eval_num_fewshot: int | None = field(default=None, metadata={"help": "Few-shot examples for lm-eval."})
     seed: int = field(default=0, metadata={"help": "Random seed."})
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={
+            "help": "Run modeling code shipped in --model / --compare_model folders (auto_map). Off: installed "
+            "classes only; this repository's models never need it."
+        },
+    )
 
     def __post_init__(self) -> None:
         resolve_dtype(self.dtype, "dtype")
         if self.capacity_sweep not in ("auto", "on", "off"):
             raise EvalInputError(f"capacity_sweep must be auto, on or off, got {self.capacity_sweep!r}")
-        for name in ("batch_size", "routing_max_tokens", "top_tokens"):
+        positive = ("batch_size", "routing_max_tokens", "top_tokens")
+        for name in (*positive, "cost_batch_size", "cost_seq_len", "cost_new_tokens", "cost_rounds"):
             if getattr(self, name) < 1:
                 raise EvalInputError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_samples is not None and self.max_samples < 1:
             raise EvalInputError(f"max_samples must be >= 1 (or None for all), got {self.max_samples}")
+        if self.max_length is not None and self.max_length < 2:
+            raise EvalInputError(f"max_length must be >= 2 tokens (or omitted: the model's), got {self.max_length}")
+        if self.stride is not None and not 1 <= self.stride <= (self.max_length or self.stride):
+            raise EvalInputError(f"stride must be in [1, max_length] (or omitted: max_length // 2), got {self.stride}")
+        bad = [f for f in self.capacity_factors if not f > 0]
+        if bad or not self.capacity_factors:
+            raise EvalInputError(f"capacity_factors must be one or more numbers > 0, got {self.capacity_factors}")
+        if self.lm_eval_limit is not None and not self.lm_eval_limit > 0:
+            raise EvalInputError(
+                f"lm_eval_limit must be > 0 (an example count, or a fraction < 1), got {self.lm_eval_limit}"
+            )
+        if self.lm_eval_num_fewshot is not None and self.lm_eval_num_fewshot < 0:
+            raise EvalInputError(f"lm_eval_num_fewshot must be >= 0, got {self.lm_eval_num_fewshot}")
+        check_device(self.device, "device")
 
     @property
     def task_list(self) -> list[str]:
@@ -106,17 +137,43 @@ class EvalArguments:
 
 
 def parse_args(argv: list[str] | None = None) -> EvalArguments:
-    """Parse command-line arguments into `EvalArguments` (HfArgumentParser). Raises `EvalInputError`."""
-    (args,) = HfArgumentParser(EvalArguments).parse_args_into_dataclasses(args=argv)
+    """Parse command-line arguments into `EvalArguments`. Raises `UsageError` (unknown flag, bad value)."""
+    (args,) = CliParser(EvalArguments, prog=PROG).parse(argv)
     return args
 
 
+def check_before_work(args: EvalArguments) -> Path:
+    """What can be checked before any model is loaded: the output folder is writable, the dataset file (if a
+    local path) exists, the lm-eval tasks exist. Returns the output folder."""
+    out_dir = check_output_dir(args.output_dir, "output_dir")
+    for name in ("tokenizer", "compare_tokenizer"):
+        value = getattr(args, name)
+        if value and Path(value).expanduser().exists() and not Path(value).expanduser().is_dir():
+            raise EvalInputError(f"{name}: {value!r} is a file; give a tokenizer folder")
+    if args.dataset and args.dataset.startswith((".", "/", "~")) and not Path(args.dataset).expanduser().exists():
+        raise EvalInputError(f"dataset: no such file {args.dataset!r}")
+    if args.task_list:
+        check_tasks(args.task_list)
+    return out_dir
+
+
+def publish(staging: Path, out_dir: Path) -> None:
+    """Copy every file of `staging` into `out_dir`, each through a temporary name and `os.replace`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for src in sorted(staging.iterdir()):
+        tmp = out_dir / f".{src.name}.{os.getpid()}.tmp"
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, out_dir / src.name)
+
+
 # ------------------------------------------------------------------------------------------------- steps
-def evaluation_texts(args: EvalArguments) -> list[str]:
-    """The texts to evaluate on (see `EvalArguments.dataset`)."""
+def evaluation_texts(args: EvalArguments, out_dir: Path | None = None) -> list[str]:
+    """The texts to evaluate on (see `EvalArguments.dataset`); the default corpus is written to `out_dir`
+    (default `--output_dir`) as corpus.txt."""
     source = args.dataset
     if source is None:
-        source = str(write_corpus(Path(args.output_dir) / "corpus.txt", max_chars=400_000))
+        folder = Path(args.output_dir) if out_dir is None else out_dir
+        source = str(write_corpus(folder / "corpus.txt", max_chars=400_000))
     return load_texts(source, args.dataset_config, args.split, args.text_column, args.max_samples)
 
 
@@ -153,18 +210,31 @@ def resolve_window(args: EvalArguments, models: list[LoadedModel]) -> tuple[int,
 
 
 def run(args: EvalArguments) -> dict:
-    """Run every enabled part of the evaluation, write the outputs, and return the results dict."""
+    """Run every enabled part of the evaluation, write the outputs (all at the end), and return the results."""
+    out_dir = check_before_work(args)
+    with tempfile.TemporaryDirectory(prefix="moe-eval-") as staging:
+        results = _run(args, Path(staging))
+        publish(Path(staging), out_dir)
+    return results
+
+
+def _run(args: EvalArguments, out_dir: Path) -> dict:
+    """`run`, writing its files to `out_dir` (a staging folder)."""
     set_seed(args.seed)
-    out_dir = Path(args.output_dir)
     notes: list[str] = []
-    loaded = load_model(args.model, args.dtype, args.device, "model")
-    tokenizer = load_tokenizer(args.tokenizer, args.model, "tokenizer")
-    compare = load_model(args.compare_model, args.dtype, args.device, "compare_model") if args.compare_model else None
+    trust = args.trust_remote_code
+    loaded = load_model(args.model, args.dtype, args.device, "model", trust)
+    tokenizer = load_tokenizer(args.tokenizer, args.model, "tokenizer", trust)
+    compare = None
+    if args.compare_model:
+        compare = load_model(args.compare_model, args.dtype, args.device, "compare_model", trust)
     compare_tok = None
     if compare is not None:
-        compare_tok = load_tokenizer(args.compare_tokenizer or args.tokenizer, args.compare_model, "compare_tokenizer")
+        compare_tok = load_tokenizer(
+            args.compare_tokenizer or args.tokenizer, args.compare_model, "compare_tokenizer", trust
+        )
     max_length, stride = resolve_window(args, [loaded] + ([compare] if compare else []))
-    texts = evaluation_texts(args)
+    texts = evaluation_texts(args, out_dir)
     docs = tokenize_documents(texts, tokenizer)
     pad_id = tokenizer.pad_token_id or 0
 
@@ -267,6 +337,7 @@ def run(args: EvalArguments) -> dict:
             max_length=max_length,
             num_fewshot=args.lm_eval_num_fewshot,
             seed=args.seed,
+            trust_remote_code=trust,
         )
 
     write_json(results, out_dir / "results.json")
@@ -318,16 +389,17 @@ def summary_lines(results: dict, out_dir: str) -> list[str]:
     return lines
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """CLI entry point: parse, run, print the headline numbers. Bad input exits with the error message (code 2)."""
-    try:
-        args = parse_args(argv)
-        results = run(args)
-    except EvalInputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from err
+def _main(argv: list[str] | None) -> dict:
+    args = parse_args(argv)
+    results = run(args)
     print("\n".join(summary_lines(results, args.output_dir)))
     return results
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """CLI entry point: parse, run, print the headline numbers. A user error exits with status 2 and one line
+    `python -m eval: error: ...` (`MOE_DEBUG=1` shows the traceback)."""
+    return run_cli(_main, PROG, argv, user_errors=(EvalInputError,))
 
 
 if __name__ == "__main__":

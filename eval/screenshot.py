@@ -15,6 +15,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from modeling_moe.cli import CliArgumentParser, UsageError, check_output_dir, run_cli
+
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 CHROMIUM_FLAGS = (
     "--headless",
@@ -74,16 +76,30 @@ def screenshot(
     return png
 
 
+PROG = "python -m eval.screenshot"
+
+
 def main(argv: list[str] | None = None) -> None:
-    """CLI: screenshot an HTML file."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """CLI: screenshot an HTML file. A user error exits with status 2 and one line."""
+    parser = CliArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("html", type=Path)
     parser.add_argument("png", type=Path)
     parser.add_argument("--width", type=int, default=1100)
     parser.add_argument("--height", type=int, default=1400)
-    args = parser.parse_args(argv)
-    print(screenshot(args.html, args.png, args.width, args.height))
+    parser.add_argument("--timeout", type=int, default=120, help="seconds Chromium may take")
+    args = parser.parse(argv)
+    for name in ("width", "height", "timeout"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if not args.html.is_file():
+        raise FileNotFoundError(f"html: no such file {str(args.html)!r}")
+    if args.png.suffix.lower() != ".png":
+        raise UsageError(f"png: the output must be a .png file, got {str(args.png)!r}")
+    check_output_dir(args.png.parent, "png (its folder)")
+    if find_chromium() is None:
+        raise UsageError(f"no Chromium found (set $CHROMIUM or install one of {', '.join(CHROMIUM_NAMES)})")
+    print(screenshot(args.html, args.png, args.width, args.height, args.timeout))
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, PROG)

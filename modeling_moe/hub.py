@@ -4,7 +4,9 @@ atomically, so a failure never leaves a half-written folder behind."""
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -14,29 +16,111 @@ from .accounting import ParameterCount, count_parameters
 from .modeling_moe import MoeForCausalLM
 
 
+class UnsafeOutputError(ValueError):
+    """An output folder is, contains or lies inside an input: writing it would destroy the input."""
+
+
+def check_disjoint(source: str | os.PathLike, out: str | os.PathLike, source_name: str, out_name: str) -> None:
+    """Refuse an output folder that is, contains or lies inside the input `source`.
+
+    Raises:
+        UnsafeOutputError: naming both (`source_name`, `out_name` are the argument names for the message).
+    """
+    a, b = Path(source).resolve(), Path(out).resolve()
+    if a == b or a in b.parents or b in a.parents:
+        relation = "is" if a == b else ("is inside" if a in b.parents else "contains")
+        raise UnsafeOutputError(
+            f"{out_name} {str(out)!r} {relation} the input {source_name} {str(source)!r}; writing it would destroy "
+            "the input: choose an output folder outside it"
+        )
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another account's live process
+        return True
+    return True
+
+
+def _leftovers(out: Path, kind: str) -> list[tuple[Path, int]]:
+    """(path, pid) of the hidden `.NAME.<kind>-PID-*` siblings of `out` left by `atomic_directory`."""
+    found = []
+    for path in out.parent.glob(f".{glob.escape(out.name)}.{kind}-*"):
+        pid = path.name[len(f".{out.name}.{kind}-") :].split("-", 1)[0]
+        if pid.isdigit():
+            found.append((path, int(pid)))
+    return found
+
+
+def recover_interrupted(out_dir: str | os.PathLike) -> None:
+    """Undo what a killed `atomic_directory(out_dir)` left behind (only leftovers of processes no longer alive).
+
+    * `out_dir` missing and `.NAME.old-PID-*` present (killed between the two renames of an overwrite): the old
+      folder is renamed back to `out_dir`, so the previous model is restored;
+    * `.NAME.old-PID-*` next to an existing `out_dir` (killed before deleting the replaced folder): deleted;
+    * `.NAME.tmp-PID-*` (killed while writing): deleted.
+    """
+    out = Path(out_dir)
+    if not out.parent.is_dir():
+        return
+    for backup, pid in sorted(_leftovers(out, "old"), key=lambda t: t[0].stat().st_mtime, reverse=True):
+        if _pid_alive(pid):  # a live process (this one included) may be mid-swap: not ours to touch
+            continue
+        if not out.exists():
+            os.replace(backup, out)
+        else:
+            shutil.rmtree(backup, ignore_errors=True) if backup.is_dir() else backup.unlink()
+    for tmp, pid in _leftovers(out, "tmp"):
+        if not _pid_alive(pid):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 @contextlib.contextmanager
-def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+def atomic_directory(
+    out_dir: str | os.PathLike, overwrite: bool = False, inputs: tuple[str | os.PathLike, ...] = ()
+) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces `out_dir`, on error it is deleted.
+
+    The temporary folder `.NAME.tmp-PID-*` gets the permissions a plain `mkdir` would (0777 minus the umask), not
+    mkdtemp's 0700. An overwrite renames the old folder to `.NAME.old-PID-*`, the new one into place, then deletes
+    the old one. A process killed on the way leaves those hidden siblings; the next `atomic_directory` (or
+    `recover_interrupted`) on the same `out_dir` restores the old folder when `out_dir` is missing and deletes the
+    rest (`recover_interrupted`).
 
     Args:
         out_dir: the final folder.
         overwrite: replace an existing non-empty `out_dir`; otherwise that is an error.
+        inputs: folders or files being read to make the output; `out_dir` must not be, contain or lie inside one.
     Raises:
         FileExistsError: `out_dir` exists, is not empty, and `overwrite` is False.
+        UnsafeOutputError: `out_dir` overlaps one of `inputs`.
     """
     out = Path(out_dir)
+    for source in inputs:
+        check_disjoint(source, out, "input", "output folder")
+    recover_interrupted(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise FileExistsError(f"output folder {out} exists and is not empty; pass overwrite=True to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     try:
+        tmp.chmod(0o777 & ~_umask())
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     backup = None
     if out.exists():
-        backup = out.with_name(f".{out.name}.old-{os.getpid()}")
+        backup = out.with_name(f".{out.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
         os.replace(out, backup)
     os.replace(tmp, out)
     if backup is not None:
@@ -140,4 +224,11 @@ def save_hub_ready(
     return out
 
 
-__all__ = ["atomic_directory", "model_card", "save_hub_ready"]
+__all__ = [
+    "UnsafeOutputError",
+    "atomic_directory",
+    "check_disjoint",
+    "model_card",
+    "recover_interrupted",
+    "save_hub_ready",
+]

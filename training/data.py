@@ -8,8 +8,9 @@ Every block holds `input_ids`, `attention_mask` (all ones) and `labels` (= input
 every micro-batch has the same number of label tokens. Documents are separated by the tokenizer's own BOS (if it
 adds one) and an EOS appended to each document.
 
-Bad inputs raise before any training: a missing file (`FileNotFoundError` naming the argument), an unknown file
-type, a dataset that is empty or too short for one block, a block size above the model's maximum positions.
+Bad inputs raise before any training: a missing file (`FileNotFoundError` naming the argument), an empty (0-byte)
+or malformed file (`DataError` naming the files and what the parser said), an unknown file type, a dataset that
+is empty or too short for one block, a block size above the model's maximum positions.
 """
 
 from __future__ import annotations
@@ -85,6 +86,8 @@ def builder_for_files(files: list[str], argument: str) -> str:
         path = Path(name)
         if not path.is_file():
             raise FileNotFoundError(f"{argument}: no such file {name!r}")
+        if path.stat().st_size == 0:
+            raise DataError(f"{argument}: {name!r} is empty (0 bytes)")
         suffix = path.suffix.lower()
         if suffix not in BUILDERS:
             raise DataError(f"{argument}: {name!r} has type {suffix or '(none)'!r}; allowed: {sorted(BUILDERS)}")
@@ -102,7 +105,13 @@ def _load_local(args: DataArguments) -> DatasetDict:
             raise DataError("--validation_file must have the same file type as --train_file")
         data_files["validation"] = list(args.validation_file)
     kwargs = {"keep_linebreaks": False} if builder == "text" else {}
-    return load_dataset(builder, data_files=data_files, cache_dir=args.cache_dir, **kwargs)
+    try:
+        return load_dataset(builder, data_files=data_files, cache_dir=args.cache_dir, **kwargs)
+    except Exception as err:  # datasets / pyarrow raise many types for a malformed file; the cause says what
+        cause = err.__cause__ or err.__context__ or err
+        files = ", ".join(repr(f) for f in [*args.train_file, *(args.validation_file or [])])
+        detail = " ".join(f"{type(cause).__name__}: {cause}".split())
+        raise DataError(f"--train_file / --validation_file {files}: not readable as {builder} data ({detail})") from err
 
 
 def _load_named(args: DataArguments) -> DatasetDict:

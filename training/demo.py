@@ -41,11 +41,12 @@ from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArgumen
 from eval.perplexity import evaluate_perplexity, tokenize_documents
 from eval.routing import collect_routing
 from modeling_moe import MoeForCausalLM, count_parameters, load_preset
+from modeling_moe.cli import CliArgumentParser, UsageError, check_output_dir, run_cli
 from modeling_moe.corpus import stdlib_paragraphs
 from modeling_moe.hub import model_card, save_hub_ready
 from modeling_moe.upcycling import upcycle
 from training import finetune_lora, train
-from training.data import DataArguments, load_raw_datasets, tokenize_and_pack
+from training.data import DataArguments, DataError, load_raw_datasets, tokenize_and_pack
 from training.tokenizer import train_byte_level_bpe
 
 PROMPT = "Return a new list containing"
@@ -339,8 +340,11 @@ def table(stages: list[Stage]) -> str:
 
 
 # ------------------------------------------------------------------ main
+PROG = "python -m training.demo"
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CliArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--out", type=Path, default=Path("outputs/demo"), help="output folder (its stage folders are replaced)"
     )
@@ -353,8 +357,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.add_argument(
             f"--{key}", type=type(value), default=None, help=f"default {value} ({SMOKE.get(key, value)} with --smoke)"
         )
-    args = parser.parse_args(argv)
-    return args
+    return parser.parse(argv)
 
 
 def options(args: argparse.Namespace) -> dict:
@@ -365,7 +368,14 @@ def options(args: argparse.Namespace) -> dict:
     opts.update({k: getattr(args, k) for k in DEFAULTS if getattr(args, k) is not None})
     for key in ("block_size", "batch_size", "dense_steps", "moe_steps", "lora_steps", "corpus_chars"):
         if opts[key] < 1:
-            raise ValueError(f"--{key} must be >= 1, got {opts[key]}")
+            raise UsageError(f"--{key} must be >= 1, got {opts[key]}")
+    for key in ("dense_lr", "moe_lr", "lora_lr"):
+        if not opts[key] > 0:
+            raise UsageError(f"--{key} must be > 0, got {opts[key]}")
+    if not 1 <= opts["experts_per_token"] <= opts["num_experts"]:
+        raise UsageError(
+            f"--experts_per_token must be in [1, --num_experts={opts['num_experts']}], got {opts['experts_per_token']}"
+        )
     return opts
 
 
@@ -376,11 +386,11 @@ def main(argv: list[str] | None = None) -> dict:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     preset = load_preset(args.preset, **(SMOKE["config_overrides"] if args.smoke else {}))
     if opts["block_size"] > preset.max_position_embeddings:
-        raise ValueError(
+        raise UsageError(
             f"--block_size {opts['block_size']} is above the preset's max_position_embeddings "
             f"({preset.max_position_embeddings})"
         )
-    out: Path = args.out
+    out: Path = check_output_dir(args.out, "--out")
     for name in STAGE_DIRS:
         shutil.rmtree(out / name, ignore_errors=True)
     start = time.perf_counter()
@@ -552,4 +562,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, PROG, user_errors=(DataError, train.TrainArgumentError))

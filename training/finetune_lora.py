@@ -38,15 +38,18 @@ from pathlib import Path
 import torch
 from peft import PeftModel, get_peft_model
 from torch.utils.data import DataLoader
-from transformers import AutoTokenizer, HfArgumentParser, default_data_collator, set_seed
+from transformers import AutoTokenizer, default_data_collator, set_seed
 
 from modeling_moe import MoeConfig, MoeForCausalLM
 from modeling_moe.balancing import RouterBiasUpdateCallback
+from modeling_moe.cli import CliParser, UsageError, check_output_dir, run_cli
 from modeling_moe.hub import atomic_directory, model_card, save_hub_ready
-from training.data import DataArguments, load_lm_datasets
+from training.checkpoints import remove_staging
+from training.data import DataArguments, DataError, load_lm_datasets
 from training.lora import (
     EXPERT_PARAMETERS,
     ExpertSliceFreezer,
+    LoraTargetError,
     changed_router_tensors,
     default_module_targets,
     eval_mode,
@@ -65,10 +68,13 @@ from training.train import (
     MoeTrainingArguments,
     TrainArgumentError,
     check_moe_config_file,
+    check_schedule_and_precision,
     parse_arguments,
+    resolve_resume,
 )
 
 logger = logging.getLogger("training.finetune_lora")
+PROG = "python -m training.finetune_lora"
 
 # ------------------------------------------------------------------ readable defaults
 DEFAULT_OUTPUT_DIR = "outputs/lora"
@@ -184,9 +190,9 @@ class LoraMoeTrainer(MoeTrainer):
 
 
 # ------------------------------------------------------------------ arguments
-def make_parser() -> HfArgumentParser:
+def make_parser() -> CliParser:
     """The parser of `python -m training.finetune_lora`."""
-    return HfArgumentParser((LoraArguments, DataArguments, LoraTrainingArguments))
+    return CliParser((LoraArguments, DataArguments, LoraTrainingArguments), prog=PROG)
 
 
 def _split(text: str | None) -> list[str] | None:
@@ -200,7 +206,16 @@ def _split(text: str | None) -> list[str] | None:
 def validate_lora_arguments(lora_args: LoraArguments, args: LoraTrainingArguments) -> MoeConfig:
     """Checks that need only the config; returns the base model's config."""
     path = Path(lora_args.model_name_or_path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--model_name_or_path: no such model folder {str(path)!r}")
     check_moe_config_file(path / "config.json", "model_name_or_path")
+    tokenizer = lora_args.tokenizer_name_or_path
+    if tokenizer and not Path(tokenizer).is_dir():
+        raise FileNotFoundError(f"--tokenizer_name_or_path: no such tokenizer folder {tokenizer!r}")
+    for name in ("esft_max_batches", "drift_max_batches"):
+        value = getattr(lora_args, name)
+        if value is not None and value < 1:
+            raise TrainArgumentError(f"--{name} must be >= 1, got {value}")
     config = MoeConfig.from_pretrained(str(path))
     if lora_args.lora_r < 1:
         raise TrainArgumentError(f"--lora_r must be an integer >= 1, got {lora_args.lora_r}")
@@ -222,15 +237,15 @@ def validate_lora_arguments(lora_args: LoraArguments, args: LoraTrainingArgument
             raise TrainArgumentError(f"--{name} must be >= 0, got {value}")
     if lora_args.update_router_bias and config.router_bias_update_rate <= 0:
         raise TrainArgumentError("--update_router_bias needs a model with router_bias_update_rate > 0")
-    out = Path(args.output_dir)
+    out = check_output_dir(args.output_dir, "--output_dir")
     for folder in ("adapter", "merged") if lora_args.merge else ("adapter",):
         target = out / folder
         if target.exists() and any(target.iterdir()) and not lora_args.overwrite_outputs:
             raise TrainArgumentError(
                 f"{target} exists and is not empty; pass --overwrite_outputs or another --output_dir"
             )
-    if args.max_steps <= 0 and args.num_train_epochs <= 0:
-        raise TrainArgumentError("give --max_steps > 0 or --num_train_epochs > 0")
+    check_schedule_and_precision(args)
+    args.resume_from_checkpoint = resolve_resume(args.resume_from_checkpoint, args.output_dir)
     return config
 
 
@@ -341,6 +356,8 @@ def main(argv: list[str] | None = None) -> dict:
     if lora_args.update_router_bias:
         trainer.add_callback(RouterBiasUpdateCallback())
     monitor = RouterMonitorCallback.attach(trainer)
+    if trainer.is_world_process_zero():
+        remove_staging(args.output_dir)  # staged checkpoints of killed runs
     train_output = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
 
     results: dict = {
@@ -436,6 +453,8 @@ def main(argv: list[str] | None = None) -> dict:
     return results
 
 
+USER_ERRORS = (TrainArgumentError, DataError, LoraTargetError, UsageError)
+
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    main()
+    run_cli(main, PROG, user_errors=USER_ERRORS)

@@ -52,7 +52,6 @@ import torch
 import yaml
 from transformers import (
     AutoTokenizer,
-    HfArgumentParser,
     PreTrainedTokenizerBase,
     Trainer,
     TrainingArguments,
@@ -63,8 +62,17 @@ from transformers.utils.hub import hf_api
 
 from modeling_moe import MoeConfig, MoeForCausalLM, load_preset
 from modeling_moe.balancing import RouterBiasUpdateCallback
+from modeling_moe.cli import CliParser, UsageError, check_output_dir, run_cli
 from modeling_moe.hub import model_card, save_hub_ready
-from training.data import DataArguments, check_block_size, load_raw_datasets, text_iterator, tokenize_and_pack
+from training.checkpoints import AtomicCheckpointMixin, incomplete_reason, last_complete_checkpoint, remove_staging
+from training.data import (
+    DataArguments,
+    DataError,
+    check_block_size,
+    load_raw_datasets,
+    text_iterator,
+    tokenize_and_pack,
+)
 from training.monitor import RouterMonitorCallback
 from training.tokenizer import train_byte_level_bpe
 
@@ -78,6 +86,10 @@ DEFAULT_LOGGING_STEPS = 10
 DEFAULT_SAVE_STEPS = 200
 TOKENIZER_TRAIN_CHARS = 2_000_000
 FINAL_MODEL_SUBDIR = "model"
+
+
+PROG = "python -m training.train"
+RESUME_LATEST = "latest"
 
 
 class TrainArgumentError(ValueError):
@@ -142,8 +154,10 @@ class MoeTrainingArguments(TrainingArguments):
         super().__post_init__()
 
 
-class MoeTrainer(Trainer):
+class MoeTrainer(AtomicCheckpointMixin, Trainer):
     """`Trainer` whose loss keeps the router losses correctly scaled, and whose eval loss is the LM loss alone.
+
+    Checkpoints are written whole or not at all (`training.checkpoints.AtomicCheckpointMixin`).
 
     * training: the model's loss (CE + weighted router losses, per micro-batch); the model declares
       `accepts_loss_kwargs = False`, so gradient accumulation and data parallelism average the router losses
@@ -169,25 +183,30 @@ def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
 
 
 # ------------------------------------------------------------------ argument parsing
-def make_parser() -> HfArgumentParser:
+def make_parser() -> CliParser:
     """The parser of `python -m training.train`: model, data and training argument dataclasses."""
-    return HfArgumentParser((ModelArguments, DataArguments, MoeTrainingArguments))
+    return CliParser((ModelArguments, DataArguments, MoeTrainingArguments), prog=PROG)
 
 
-def parse_arguments(parser: HfArgumentParser, argv: list[str] | None) -> tuple:
+def parse_arguments(parser: CliParser, argv: list[str] | None) -> tuple:
     """Parse `argv`; a first argument ending in .json / .yaml / .yml is a file of arguments that the remaining
     command-line arguments override.
 
     Raises:
-        TrainArgumentError: the file is not a mapping, or names unknown arguments.
+        TrainArgumentError: the file is missing, unreadable, not a mapping, or names unknown arguments.
+        UsageError: an unknown flag (with the closest known one) or a value argparse / TrainingArguments refuses.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0].endswith((".json", ".yaml", ".yml")) and not argv[0].startswith("-"):
         path = Path(argv.pop(0))
         if not path.is_file():
             raise FileNotFoundError(f"arguments file {str(path)!r} does not exist")
-        text = path.read_text()
-        values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        try:
+            text = path.read_text(encoding="utf-8")
+            values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        except (UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as err:
+            kind = "JSON" if path.suffix == ".json" else "YAML"
+            raise TrainArgumentError(f"arguments file {path} is not valid {kind}: {err}") from err
         if not isinstance(values, dict):
             raise TrainArgumentError(f"{path} must hold a mapping of argument names to values")
         known = {action.dest for action in parser._actions}
@@ -195,7 +214,7 @@ def parse_arguments(parser: HfArgumentParser, argv: list[str] | None) -> tuple:
         if unknown:
             raise TrainArgumentError(f"{path} has unknown arguments {unknown}; see --help")
         argv = [*file_values_as_argv(values), *argv]  # later (command-line) values win
-    return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    return parser.parse(argv)
 
 
 def file_values_as_argv(values: dict) -> list[str]:
@@ -230,24 +249,65 @@ def validate_arguments(model_args: ModelArguments, data_args: DataArguments, arg
     saved = model_args.config or model_args.model_name_or_path
     if saved:
         check_moe_config_file(Path(saved) / "config.json" if Path(saved).is_dir() else Path(saved), sources[0])
-    if args.resume_from_checkpoint and not Path(args.resume_from_checkpoint).is_dir():
-        raise FileNotFoundError(f"--resume_from_checkpoint: no such folder {args.resume_from_checkpoint!r}")
-    final_dir = final_model_dir(model_args, args)
+    check_output_dir(args.output_dir, "--output_dir")
+    final_dir = check_output_dir(final_model_dir(model_args, args), "--final_model_dir")
     if final_dir.exists() and any(final_dir.iterdir()) and not model_args.overwrite_final_model:
         raise TrainArgumentError(
             f"--final_model_dir {final_dir} exists and is not empty; pass --overwrite_final_model or pick another"
         )
-    if args.max_steps <= 0 and args.num_train_epochs <= 0:
-        raise TrainArgumentError("give --max_steps > 0 or --num_train_epochs > 0")
+    check_schedule_and_precision(args)
+    args.resume_from_checkpoint = resolve_resume(args.resume_from_checkpoint, args.output_dir)
     if args.push_to_hub and args.hub_model_id is not None and args.hub_model_id.count("/") > 1:
         raise TrainArgumentError(f"--hub_model_id must be 'name' or 'owner/name', got {args.hub_model_id!r}")
+
+
+def check_schedule_and_precision(args: TrainingArguments) -> None:
+    """--max_steps is -1 (train --num_train_epochs epochs) or >= 1; --fp16 needs an accelerator."""
+    if args.max_steps == 0 or args.max_steps < -1:
+        raise TrainArgumentError(
+            f"--max_steps must be >= 1, or -1 (the default) to train --num_train_epochs epochs; got {args.max_steps}"
+        )
+    if args.max_steps == -1 and not args.num_train_epochs > 0:
+        raise TrainArgumentError(f"--num_train_epochs must be > 0 (or give --max_steps), got {args.num_train_epochs}")
+    on_cpu = args.use_cpu or not torch.accelerator.is_available()
+    for flag in ("fp16", "fp16_full_eval"):
+        if getattr(args, flag) and on_cpu:
+            raise TrainArgumentError(
+                f"--{flag} needs a GPU or other accelerator, and this run is on the CPU; use --bf16 or float32 on CPU"
+            )
+
+
+def resolve_resume(value: str | None, output_dir: str) -> str | None:
+    """--resume_from_checkpoint: None, `latest` (the last complete checkpoint-N/ of --output_dir) or a folder,
+    which must be a complete checkpoint (trainer_state.json and safetensors weights)."""
+    if not value:
+        return None
+    if value == RESUME_LATEST:
+        found = last_complete_checkpoint(output_dir)
+        if found is None:
+            raise TrainArgumentError(
+                f"--resume_from_checkpoint {RESUME_LATEST}: --output_dir {output_dir!r} holds no complete checkpoint-N/"
+            )
+        logger.info("resuming from %s", found)
+        return str(found)
+    if not Path(value).is_dir():
+        raise FileNotFoundError(
+            f"--resume_from_checkpoint: no such folder {value!r} (give a checkpoint folder or {RESUME_LATEST!r})"
+        )
+    reason = incomplete_reason(value)
+    if reason is not None:
+        raise TrainArgumentError(f"--resume_from_checkpoint {value}: not a complete Trainer checkpoint, {reason}")
+    return value
 
 
 def check_moe_config_file(path: Path, argument: str) -> None:
     """Raise unless `path` is a config.json of a modeling_moe model (model_type "moe_lm")."""
     if not path.is_file():
         raise FileNotFoundError(f"--{argument}: no config.json at {str(path)!r}")
-    model_type = json.loads(path.read_text()).get("model_type")
+    try:
+        model_type = json.loads(path.read_text(encoding="utf-8")).get("model_type")
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as err:
+        raise TrainArgumentError(f"--{argument}: {path} is not a JSON object: {err}") from err
     if model_type != MoeConfig.model_type:
         raise TrainArgumentError(
             f"--{argument}: {path} describes a {model_type!r} model, not a modeling_moe one "
@@ -434,6 +494,8 @@ def main(argv: list[str] | None = None) -> dict:
         data_collator=default_data_collator,
     )
     monitor = moe_callbacks(trainer, model.config, model_args.router_monitor)
+    if trainer.is_world_process_zero():
+        remove_staging(args.output_dir)  # staged checkpoints of killed runs
     train_output = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     eval_metrics = trainer.evaluate()
     results = {
@@ -468,6 +530,8 @@ def main(argv: list[str] | None = None) -> dict:
     return results
 
 
+USER_ERRORS = (TrainArgumentError, DataError, UsageError)
+
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    main()
+    run_cli(main, PROG, user_errors=USER_ERRORS)

@@ -6,20 +6,21 @@ it runs on a machine with far less memory than the upcycled model. Example:
     python -m training.upcycle --dense path/to/llama --out_dir outputs/llama-8x --num_experts 8 \
         --num_experts_per_tok 2 --moe_layers every_other --expert_init drop_upcycling --drop_ratio 0.5
 
-Prints one JSON line: the output folder, the parameter counts and the bytes of weights written.
+Prints one JSON line: the output folder, the parameter counts and the bytes of weights written. A user error
+(missing folder, `--out_dir` that is, contains or lies inside `--dense`, bad option) exits with status 2 and one
+`python -m training.upcycle: error: ...` line before anything is read or written.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import HfArgumentParser
-
 from modeling_moe.accounting import count_parameters
+from modeling_moe.cli import CliParser, check_output_dir, run_cli
 from modeling_moe.configuration_moe import ROUTER_TYPES, MoeConfig
+from modeling_moe.hub import check_disjoint
 from modeling_moe.upcycling import (
     EXPERT_INIT_NAMES,
     ROUTER_INIT_NAMES,
@@ -92,21 +93,40 @@ def read_calibration(path: str | None) -> list[str] | None:
     return [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+PROG = "python -m training.upcycle"
+
+
+def validate_paths(args: UpcycleArguments) -> None:
+    """Checks of the folders before anything is read: --dense exists, --out_dir is writable and apart from it."""
+    dense = Path(args.dense)
+    if not dense.is_dir():
+        raise FileNotFoundError(f"--dense: no such folder {args.dense!r} (a dense checkpoint folder)")
+    check_disjoint(dense, args.out_dir, "--dense", "--out_dir")
+    out = check_output_dir(args.out_dir, "--out_dir")
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise FileExistsError(f"--out_dir {str(out)!r} exists and is not empty; pass --overwrite to replace it")
+    if args.tokenizer is not None and not Path(args.tokenizer).is_dir():
+        raise FileNotFoundError(f"--tokenizer: no such folder {args.tokenizer!r}")
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Parse `argv` (default sys.argv[1:]), upcycle, and return (and print) a JSON-able summary."""
-    (args,) = HfArgumentParser(UpcycleArguments).parse_args_into_dataclasses(args=argv)
+    (args,) = CliParser(UpcycleArguments, prog=PROG).parse(argv)
+    validate_paths(args)
+    moe_layers = parse_moe_layers(args.moe_layers)
+    calibration = read_calibration(args.calibration_file)
     out = upcycle_to_folder(
         args.dense,
         args.out_dir,
         overwrite=args.overwrite,
         tokenizer=args.tokenizer,
-        calibration_texts=read_calibration(args.calibration_file),
+        calibration_texts=calibration,
         base_model=args.base_model,
         progress=True,
         num_experts=args.num_experts,
         num_experts_per_tok=args.num_experts_per_tok,
         router_type=args.router_type,
-        moe_layers=parse_moe_layers(args.moe_layers),
+        moe_layers=moe_layers,
         expert_init=args.expert_init,
         noise_std=args.noise_std,
         drop_ratio=args.drop_ratio,
@@ -134,7 +154,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (UpcyclingError, FileNotFoundError, FileExistsError) as err:
-        sys.exit(f"upcycle: error: {err}")
+    run_cli(main, PROG, user_errors=(UpcyclingError,))

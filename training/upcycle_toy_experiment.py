@@ -25,11 +25,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import HfArgumentParser, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from modeling_moe.accounting import count_parameters
+from modeling_moe.cli import CliParser, UsageError, check_output_dir, run_cli
 from modeling_moe.corpus import stdlib_paragraphs
-from modeling_moe.upcycling import upcycle
+from modeling_moe.upcycling import EXPERT_INIT_NAMES, upcycle
 from training.tokenizer import train_byte_level_bpe
 
 
@@ -133,9 +134,34 @@ def plot(pre: list, dense: list, moe: list, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+PROG = "python -m training.upcycle_toy_experiment"
+
+
+def check_arguments(args: ToyArguments) -> None:
+    """Refuse sizes and rates that cannot run, naming the argument and the allowed range."""
+    for name, value in asdict(args).items():
+        if isinstance(value, int) and name != "seed" and value < 1:
+            raise UsageError(f"--{name} must be >= 1, got {value}")
+    for name in ("lr", "continue_lr"):
+        if not getattr(args, name) > 0:
+            raise UsageError(f"--{name} must be > 0, got {getattr(args, name)}")
+    if not args.router_aux_loss_coef >= 0:
+        raise UsageError(f"--router_aux_loss_coef must be >= 0, got {args.router_aux_loss_coef}")
+    if args.expert_init not in EXPERT_INIT_NAMES:
+        raise UsageError(f"--expert_init must be one of {sorted(EXPERT_INIT_NAMES)}, got {args.expert_init!r}")
+    if args.num_experts_per_tok > args.num_experts:
+        raise UsageError(f"--num_experts_per_tok {args.num_experts_per_tok} is above --num_experts {args.num_experts}")
+    if args.hidden_size % args.num_heads:
+        raise UsageError(f"--hidden_size {args.hidden_size} must be a multiple of --num_heads {args.num_heads}")
+    if not args.name or "/" in args.name:
+        raise UsageError(f"--name must be a file name without '/', got {args.name!r}")
+    check_output_dir(args.out_dir, "--out_dir")
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Run the experiment; write `{out_dir}/{name}.png` and `.json`; return the summary."""
-    (args,) = HfArgumentParser(ToyArguments).parse_args_into_dataclasses(args=argv)
+    (args,) = CliParser(ToyArguments, prog=PROG).parse(argv)
+    check_arguments(args)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     texts = stdlib_paragraphs(max_chars=args.corpus_chars)
@@ -201,4 +227,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, PROG)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from transformers import PreTrainedModel
 
-from ..hub import atomic_directory
+from ..hub import atomic_directory, check_disjoint
 from ..modeling_moe import MoeForCausalLM
 from .checkpoint import open_dense
 from .options import UpcycleOptions, UpcyclingError
@@ -47,6 +47,8 @@ def upcycle_to_folder(
         output folder is left as it was (absent, or the old one when overwriting).
     """
     out = Path(out_dir)
+    if isinstance(dense_model_or_dir, (str, os.PathLike)):  # never replace (or write into) the input
+        check_disjoint(dense_model_or_dir, out, "dense checkpoint", "out_dir")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise FileExistsError(f"output folder {out} exists and is not empty; pass overwrite=True to replace it")
     unknown = sorted(set(options) - set(UpcycleOptions.__dataclass_fields__))
