@@ -101,5 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     print(screenshot(args.html, args.png, args.width, args.height, args.timeout))
 
 
+USER_ERRORS = ()
+
 if __name__ == "__main__":
-    run_cli(main, PROG)
+    run_cli(main, PROG, user_errors=USER_ERRORS)

@@ -85,9 +85,7 @@ def recover_interrupted(out_dir: str | os.PathLike) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(
-    out_dir: str | os.PathLike, overwrite: bool = False, inputs: tuple[str | os.PathLike, ...] = ()
-) -> Iterator[Path]:
+def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces `out_dir`, on error it is deleted.
 
     The temporary folder `.NAME.tmp-PID-*` gets the permissions a plain `mkdir` would (0777 minus the umask), not
@@ -99,14 +97,10 @@ def atomic_directory(
     Args:
         out_dir: the final folder.
         overwrite: replace an existing non-empty `out_dir`; otherwise that is an error.
-        inputs: folders or files being read to make the output; `out_dir` must not be, contain or lie inside one.
     Raises:
         FileExistsError: `out_dir` exists, is not empty, and `overwrite` is False.
-        UnsafeOutputError: `out_dir` overlaps one of `inputs`.
     """
     out = Path(out_dir)
-    for source in inputs:
-        check_disjoint(source, out, "input", "output folder")
     recover_interrupted(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise FileExistsError(f"output folder {out} exists and is not empty; pass overwrite=True to replace it")

@@ -49,13 +49,13 @@ def test_shipped_tasks_resolve_to_local_files(tmp_path, monkeypatch):
 
 
 # Runs the adapter where this repository's model package cannot be imported, so lm-eval's HFLM must load the
-# model from the folder's own code (trust_remote_code=True).
+# model from the folder's own code, which it may run only with consent (trust_remote_code=True).
 ADAPTER_RUN = textwrap.dedent(
     """
     import json, sys
     sys.modules["modeling_moe"] = None
     from eval.lm_eval_adapter import SHIPPED_TASKS, run_lm_eval
-    result = run_lm_eval(sys.argv[1], list(SHIPPED_TASKS), limit=3, log_samples=True)
+    result = run_lm_eval(sys.argv[1], list(SHIPPED_TASKS), limit=3, log_samples=True, trust_remote_code=True)
     loaded = [n for n, m in sys.modules.items() if n.startswith("transformers_modules") and n.endswith("modeling_moe")]
     print(json.dumps({"result": result, "remote_modules": loaded}))
     """

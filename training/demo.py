@@ -561,5 +561,7 @@ def main(argv: list[str] | None = None) -> dict:
     return summary
 
 
+USER_ERRORS = (DataError, train.TrainArgumentError)
+
 if __name__ == "__main__":
-    run_cli(main, PROG, user_errors=(DataError, train.TrainArgumentError))
+    run_cli(main, PROG, user_errors=USER_ERRORS)

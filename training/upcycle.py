@@ -153,5 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
     return summary
 
 
+USER_ERRORS = (UpcyclingError,)
+
 if __name__ == "__main__":
-    run_cli(main, PROG, user_errors=(UpcyclingError,))
+    run_cli(main, PROG, user_errors=USER_ERRORS)

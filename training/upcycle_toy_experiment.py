@@ -226,5 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
     return summary
 
 
+USER_ERRORS = ()
+
 if __name__ == "__main__":
-    run_cli(main, PROG)
+    run_cli(main, PROG, user_errors=USER_ERRORS)
