@@ -15,10 +15,10 @@ from eval import run as eval_run
 from eval import screenshot
 from modeling_moe import MoeForCausalLM
 from modeling_moe.cli import run_cli
+from modeling_moe.corpus import stdlib_paragraphs
 from tests.conftest import tiny_config
 from tests.training_helpers import REPO_ROOT, offline_env
 from training import demo, finetune_lora, train, upcycle, upcycle_toy_experiment
-from training.corpus import stdlib_paragraphs
 from training.tokenizer import train_byte_level_bpe
 
 
