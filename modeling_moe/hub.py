@@ -121,6 +121,23 @@ def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Ite
         shutil.rmtree(backup, ignore_errors=True) if backup.is_dir() else backup.unlink()
 
 
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` to `path` through a temporary file in the same folder and `os.replace`, with the permissions
+    a plain `open()` would give under the umask (not mkstemp's 0600). Returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 def _fmt(n: int) -> str:
     for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= scale:
@@ -221,6 +238,7 @@ def save_hub_ready(
 __all__ = [
     "UnsafeOutputError",
     "atomic_directory",
+    "atomic_write_text",
     "check_disjoint",
     "model_card",
     "recover_interrupted",

@@ -11,9 +11,8 @@ import pytest
 import torch
 from transformers import default_data_collator
 
-from eval.report import atomic_write_text
 from modeling_moe import MoeForCausalLM
-from modeling_moe.hub import UnsafeOutputError, atomic_directory, recover_interrupted
+from modeling_moe.hub import UnsafeOutputError, atomic_directory, atomic_write_text, recover_interrupted
 from modeling_moe.upcycling import upcycle_to_folder
 from tests.conftest import tiny_config
 from training.checkpoints import last_complete_checkpoint

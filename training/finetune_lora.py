@@ -43,7 +43,7 @@ from transformers import AutoTokenizer, default_data_collator, set_seed
 from modeling_moe import MoeConfig, MoeForCausalLM
 from modeling_moe.balancing import RouterBiasUpdateCallback
 from modeling_moe.cli import CliParser, UsageError, check_output_dir, run_cli
-from modeling_moe.hub import atomic_directory, model_card, save_hub_ready
+from modeling_moe.hub import atomic_directory, atomic_write_text, model_card, save_hub_ready
 from training.checkpoints import remove_staging
 from training.data import DataArguments, DataError, load_lm_datasets
 from training.lora import (
@@ -404,7 +404,7 @@ def main(argv: list[str] | None = None) -> dict:
             tokenizer.save_pretrained(tmp)
             (tmp / "drift.json").write_text(json.dumps(drift, indent=1))
         results["adapter_dir"] = str(out / "adapter")
-        (out / "drift.json").write_text(json.dumps(drift, indent=1))
+        atomic_write_text(out / "drift.json", json.dumps(drift, indent=1))
         if lora_args.merge:
             first = next(iter(eval_loader))
             merged, max_diff = merged_logits_check(peft_model, first)
@@ -428,7 +428,7 @@ def main(argv: list[str] | None = None) -> dict:
             )
             results["merged_dir"] = str(out / "merged")
         summary = {k: v for k, v in results.items() if k != "router"}
-        (out / "finetune_results.json").write_text(json.dumps(summary, indent=1))
+        atomic_write_text(out / "finetune_results.json", json.dumps(summary, indent=1))
         rows = [
             ("steps", str(results["global_step"])),
             (

@@ -63,7 +63,7 @@ from transformers.utils.hub import hf_api
 from modeling_moe import MoeConfig, MoeForCausalLM, load_preset
 from modeling_moe.balancing import RouterBiasUpdateCallback
 from modeling_moe.cli import CliParser, UsageError, check_output_dir, run_cli
-from modeling_moe.hub import model_card, save_hub_ready
+from modeling_moe.hub import atomic_directory, atomic_write_text, model_card, save_hub_ready
 from training.checkpoints import AtomicCheckpointMixin, incomplete_reason, last_complete_checkpoint, remove_staging
 from training.data import (
     DataArguments,
@@ -365,7 +365,8 @@ def load_or_train_tokenizer(
         logger.info("training a byte-level BPE tokenizer (vocab %d) on the training text", vocab_size)
         tokenizer = train_byte_level_bpe(text_iterator(raw_train, text_column, TOKENIZER_TRAIN_CHARS), vocab_size)
         if args.process_index == 0:
-            tokenizer.save_pretrained(saved)
+            with atomic_directory(saved, overwrite=True) as tmp:  # a killed run leaves no half-written tokenizer
+                tokenizer.save_pretrained(tmp)
         return tokenizer
 
 
@@ -513,7 +514,7 @@ def main(argv: list[str] | None = None) -> dict:
         save_hub_ready(model, final_dir, tokenizer=tokenizer, card=card, overwrite=model_args.overwrite_final_model)
         results["final_model_dir"] = str(final_dir)
         summary = {k: v for k, v in results.items() if k != "log_history"}
-        (Path(args.output_dir) / "train_results.json").write_text(json.dumps(summary, indent=1))
+        atomic_write_text(Path(args.output_dir) / "train_results.json", json.dumps(summary, indent=1))
         if monitor is not None and monitor.history:
             results["router"] = monitor.history[-1]["layers"]
         if push:
