@@ -6,7 +6,8 @@ copies the modeling files (`custom_object_save`), then the weights, optimizer, s
 `modeling_moe.py`), and `get_last_checkpoint` would pick it. `AtomicCheckpointMixin` makes Trainer write the
 checkpoint into a hidden staging folder `output_dir/.partial-checkpoint-N/checkpoint-N/` and renames it into place
 once everything is written (after a barrier, by the saving process), so a `checkpoint-N/` folder is always
-complete. A staging folder left by a killed run is deleted by the next save and at the start of training.
+complete; with `push_to_hub`, Trainer's checkpoint push runs from the final folder, after the rename. A staging
+folder left by a killed run is deleted by the next save and at the start of training.
 
 `last_complete_checkpoint(output_dir)` (used for `--resume_from_checkpoint latest`) returns the newest
 `checkpoint-N/` that holds a readable `trainer_state.json` and weights, skipping incomplete ones (e.g. written by
@@ -86,15 +87,19 @@ class AtomicCheckpointMixin:
         if self.args.should_save:
             remove_staging(run_dir)
         self.accelerator.wait_for_everyone()
+        push, self.args.push_to_hub = self.args.push_to_hub, False  # pushed below, from the final folder
         self._checkpoint_staging = str(staging)
         try:
             super()._save_checkpoint(model, trial)
         finally:
             self._checkpoint_staging = None
+            self.args.push_to_hub = push
         self.accelerator.wait_for_everyone()  # every process has written its part
         if self.args.should_save:
             self._publish_checkpoint(run_dir, staging, name)
         self.accelerator.wait_for_everyone()
+        if push:
+            self._push_from_checkpoint(str(run_dir / name))
 
     def _publish_checkpoint(self, run_dir: Path, staging: Path, name: str) -> None:
         """Point the best-checkpoint path at the final folder, rename the staged checkpoint into place, rotate."""
