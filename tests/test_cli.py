@@ -14,7 +14,7 @@ import torch
 from eval import run as eval_run
 from eval import screenshot
 from modeling_moe import MoeForCausalLM
-from modeling_moe.cli import run_cli
+from modeling_moe.cli import UsageError, run_cli
 from modeling_moe.corpus import stdlib_paragraphs
 from tests.conftest import tiny_config
 from tests.training_helpers import REPO_ROOT, offline_env
@@ -162,18 +162,15 @@ def test_eval_writes_nothing_when_a_later_step_fails(capsys, files, model_dir, m
     monkeypatch.setattr(eval_run.cost_lib, "parameter_report", fail)
     out = files / "eval-partial"
     with pytest.raises(RuntimeError, match="simulated failure"):
-        eval_run.main(
-            ["--model", str(model_dir), "--output_dir", str(out), "--lm_eval_tasks", "", "--max_samples", "4"]
-        )
+        small = ["--max_samples", "4", "--max_length", "32", "--routing_max_tokens", "64", "--capacity_sweep", "off"]
+        eval_run.main(["--model", str(model_dir), "--output_dir", str(out), "--lm_eval_tasks", "", *small])
     assert not out.exists(), "a partial output folder was left"
 
 
-def test_python_m_wiring_and_debug_traceback(files):
-    """The real entry point: one line and exit 2; with MOE_DEBUG=1 the traceback."""
-    code = (
-        "import sys, runpy; sys.argv = ['x', '--lerning_rate', '1']; runpy.run_module('training.train', "
-        "run_name='__main__')"
-    )
+def test_python_m_wiring_and_debug_traceback(files, monkeypatch):
+    """The real entry point (a subprocess): one line and exit 2. With MOE_DEBUG=1 the error propagates."""
+    code = "import sys, runpy; sys.argv = ['x', '--lerning_rate', '1']; runpy.run_module('training.train', "
+    code += "run_name='__main__')"
     quiet = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO_ROOT, env=offline_env(), capture_output=True, text=True
     )
@@ -182,10 +179,9 @@ def test_python_m_wiring_and_debug_traceback(files):
         "python -m training.train: error: unrecognized arguments: --lerning_rate (did you mean --learning_rate?), 1; "
         "see --help"
     ]
-    loud = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO_ROOT, env=offline_env(MOE_DEBUG="1"), capture_output=True, text=True
-    )
-    assert loud.returncode == 1 and "Traceback" in loud.stderr and "UsageError" in loud.stderr
+    monkeypatch.setenv("MOE_DEBUG", "1")
+    with pytest.raises(UsageError, match="--lerning_rate"):
+        run_cli(train.main, train.PROG, ["--lerning_rate", "1"], user_errors=train.USER_ERRORS)
 
 
 def test_eval_trust_remote_code_is_consent(tmp_path, model_dir):
