@@ -18,7 +18,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, RopeParameters
 
 from .quantized_experts import QuantizationError, check_expert_quantization
 
-ROUTER_TYPES = ("topk_softmax", "switch", "noisy_topk", "sigmoid_grouped", "expert_choice")
+ROUTER_TYPES = ("topk_softmax", "switch", "noisy_topk", "sigmoid_grouped", "expert_choice", "soft")
 CAPACITY_POLICIES = ("drop", "priority", "next_choice")
 # norm_topk_prob=None means the router's own convention.
 DEFAULT_NORM_TOPK_PROB = {
@@ -27,6 +27,7 @@ DEFAULT_NORM_TOPK_PROB = {
     "noisy_topk": True,
     "sigmoid_grouped": True,
     "expert_choice": False,
+    "soft": False,
 }
 ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
 # Fields with the same name and meaning in transformers' Llama / Mistral / Qwen2 / Mixtral configs: what the
@@ -126,6 +127,27 @@ class MoeConfig(PreTrainedConfig):
         router_bias_update_rate: aux-loss-free balancing (DeepSeek-V3): a per-expert selection bias moved by
             this rate toward equal load once per optimizer step (`modeling_moe.balancing`); 0 = off.
 
+    Soft MoE in the causal Mixture-of-Tokens form (router_type="soft"; Puigcerver et al. 2023, Antoniak et al.
+    2023; equations in `routing.py`). A learned Phi gives E * soft_slots_per_expert slots; each slot's input is a
+    softmax-weighted mix (over the tokens of a group) of the group's tokens, each token's output a softmax-weighted
+    mix (over all slots) of the slot outputs. A group is G sequences of the batch at one position: batch rows
+    [0, G), [G, 2G), ..., the last group smaller when the batch size is not a multiple of G. Padding has dispatch
+    weight exactly 0. No token is dropped and no balancing loss applies, so router_aux_loss_coef,
+    router_importance_loss_coef and router_bias_update_rate must be 0, capacity factors None, jitter 0,
+    norm_topk_prob None and routed_scaling_factor 1 (z-loss is allowed). num_experts_per_tok is not used by the
+    soft layer; it is the k of `soft_conversion.soft_to_topk`.
+        soft_slots_per_expert: slots per expert per group (>= 1).
+        soft_group_size: G in training mode (>= 1). The output of a token then depends on the other sequences of
+            its group (never on other positions: the layer stays causal). Expert rows per token: E * slots / G.
+        soft_eval_group_size: G in eval mode outside `generate()` (>= 1). The default 1 makes every sequence its
+            own group (the dense soft mixture: dispatch weights are all 1), so eval does not depend on the other
+            sequences of the batch and equals what generation computes; set it to soft_group_size to evaluate
+            the training-time function instead.
+        Inside `generate()` (and so in every cached decode step) G is always 1: batched generation never
+        depends on the other sequences and cached equals uncached. Train / inference difference: with G > 1 in
+        training, generation runs a function the model never trained on (G = 1); evaluate both (the toy
+        experiment reports the gap), or convert to sparse top-k and fine-tune (`soft_conversion.soft_to_topk`).
+
     Losses (added to the LM loss whenever `labels` are given, padding masked by `attention_mask`):
         router_aux_loss_coef: Switch/GShard load-balancing loss weight.
         router_aux_loss_per_layer: compute that loss per MoE layer and average, instead of pooling all layers
@@ -207,6 +229,10 @@ class MoeConfig(PreTrainedConfig):
     capacity_in_generation: bool = False
     router_jitter_noise: float | int = 0.0
     router_bias_update_rate: float | int = 0.0
+    # Soft MoE (router_type="soft")
+    soft_slots_per_expert: int = 1
+    soft_group_size: int = 1
+    soft_eval_group_size: int = 1
     # Losses
     router_aux_loss_coef: float | int = 0.001
     router_aux_loss_per_layer: bool = False
@@ -394,6 +420,7 @@ class MoeConfig(PreTrainedConfig):
                 f"num_experts_per_tok ({k}) must be <= topk_group * experts per group "
                 f"({self.topk_group} * {E // self.n_group}); the selected groups hold too few experts"
             )
+        self._validate_soft()
         if self.router_bias_update_rate and self.router_type == "expert_choice":
             raise MoeConfigError(
                 "router_bias_update_rate > 0 (aux-loss-free balancing) needs a token-choice router; "
@@ -409,6 +436,35 @@ class MoeConfig(PreTrainedConfig):
             _check_positive_int("shared_expert_intermediate_size", self.shared_expert_intermediate_size)
         elif self.shared_expert_gate:
             raise MoeConfigError("shared_expert_gate=True needs num_shared_experts >= 1")
+
+    def _validate_soft(self) -> None:
+        soft_fields = ("soft_slots_per_expert", "soft_group_size", "soft_eval_group_size")
+        for name in soft_fields:
+            _check_positive_int(name, getattr(self, name))
+        if self.router_type != "soft":
+            for name in soft_fields:
+                if getattr(self, name) != 1:
+                    raise MoeConfigError(
+                        f"{name}={getattr(self, name)} needs router_type='soft', got router_type={self.router_type!r}"
+                    )
+            return
+        must_be = {
+            "router_aux_loss_coef": 0,
+            "router_importance_loss_coef": 0,
+            "router_bias_update_rate": 0,
+            "router_jitter_noise": 0,
+            "routed_scaling_factor": 1,
+            "capacity_factor_train": None,
+            "capacity_factor_eval": None,
+            "norm_topk_prob": None,
+        }
+        for name, allowed in must_be.items():
+            value = getattr(self, name)
+            if (value is None) != (allowed is None) or (value is not None and value != allowed):
+                raise MoeConfigError(
+                    f"{name} must be {allowed} with router_type='soft' (Soft MoE drops no token and needs no "
+                    f"balancing: every expert processes its slots), got {value!r}"
+                )
 
 
 def _is_number(value) -> bool:

@@ -47,7 +47,16 @@ from .losses import (
     router_z_loss,
 )
 from .quantized_experts import QuantizedMoeExperts
-from .routing import MoeDispatcher, MoeRouter, expert_capacity
+from .routing import (
+    MoeDispatcher,
+    MoeRouter,
+    SoftMoeRouter,
+    expert_capacity,
+    from_position_groups,
+    soft_combine_weights,
+    soft_dispatch_weights,
+    to_position_groups,
+)
 
 # The Auto classes a saved folder declares for trust_remote_code loading (file stem . class name).
 HUB_AUTO_MAP = {
@@ -267,6 +276,75 @@ class MoeSparseBlock(nn.Module):
         return y_TD.view(B, S, D)
 
 
+class SoftMoeBlock(nn.Module):
+    """Soft MoE FFN in the causal Mixture-of-Tokens form (router_type="soft"; equations in `routing.py`):
+    slot logits -> group G batch rows at each position -> dispatch (softmax over the group's tokens) -> one
+    experts call on all slot inputs -> combine (softmax over slots), plus optional shared experts.
+
+    G is `soft_group_size` in training mode, `soft_eval_group_size` in eval mode and 1 inside `generate()`
+    (each sequence its own group: dispatch weights are 1 and the layer is a dense soft mixture per token, so
+    generation never depends on the other sequences and cached equals uncached). Padding (token_mask False) has
+    dispatch weight 0. The recorded routing (`router_indices`) is every expert for every token, never a drop.
+    """
+
+    def __init__(self, config: MoeConfig) -> None:
+        super().__init__()
+        self.num_experts = config.num_local_experts
+        self.slots_per_expert = config.soft_slots_per_expert
+        self.group_size_train = config.soft_group_size
+        self.group_size_eval = config.soft_eval_group_size
+        self.in_generation = False  # set by MoeForCausalLM.generate
+        self.router = SoftMoeRouter(config)
+        self.dispatcher = MoeDispatcher(config)  # records the routing only
+        self.experts = MoeExperts(config) if config.expert_quantization is None else QuantizedMoeExperts(config)
+        self.shared_expert = None
+        self.shared_expert_gate = None
+        if config.num_shared_experts > 0:
+            self.shared_expert = MoeMLP(config, config.shared_expert_intermediate_size)
+            if config.shared_expert_gate:
+                self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
+
+    def group_size(self) -> int:
+        """G in force for the current mode: 1 in generation, else the training or eval group size."""
+        if self.in_generation:
+            return 1
+        return self.group_size_train if self.training else self.group_size_eval
+
+    def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, S, D) normalised hidden states, optional (B, S) bool mask of real tokens -> (B, S, D)."""
+        B, S, D = hidden_states.shape
+        x_TD = hidden_states.reshape(-1, D)
+        router_logits_TE, slot_logits_TP = self.router(x_TD)
+        P = slot_logits_TP.shape[-1]
+        M = self.group_size()
+        if token_mask is None:
+            token_mask = torch.ones(B, S, dtype=torch.bool, device=hidden_states.device)
+        x_NMD = to_position_groups(hidden_states, M)
+        logits_NMP = to_position_groups(slot_logits_TP.view(B, S, P), M)
+        mask_NM = to_position_groups(token_mask.bool(), M, fill=False)
+        dispatch_NMP = soft_dispatch_weights(logits_NMP, mask_NM)  # Puigcerver et al. 2023, Eq. 1
+        combine_NMP = soft_combine_weights(logits_NMP)  # Eq. 2
+        slots_NPD = torch.einsum("nmp,nmd->npd", dispatch_NMP.to(x_NMD.dtype), x_NMD)  # slot inputs
+        N = slots_NPD.shape[0]
+        # one experts call on all N * P slot inputs: slot p runs on expert p // slots_per_expert, weight 1
+        expert_R1 = (torch.arange(P, device=x_TD.device) // self.slots_per_expert).repeat(N)[:, None]
+        ones_R1 = torch.ones(N * P, 1, dtype=torch.float32, device=x_TD.device)
+        slot_out_NPD = self.experts(slots_NPD.reshape(N * P, D), expert_R1, ones_R1).view(N, P, D)
+        y_NMD = torch.einsum("nmp,npd->nmd", combine_NMP.to(slot_out_NPD.dtype), slot_out_NPD)  # Eq. 2
+        y_TD = from_position_groups(y_NMD, B, S).reshape(-1, D)
+        # recorded routing: every token draws on every expert (weights: its combine mass per expert)
+        indices_TE = torch.arange(self.num_experts, device=x_TD.device).expand(x_TD.shape[0], -1)
+        self.dispatcher(
+            indices_TE, router_logits_TE.softmax(-1), None, None, None, token_mask.reshape(-1), already_dispatched=True
+        )
+        if self.shared_expert is not None:
+            shared_TD = self.shared_expert(x_TD)
+            if self.shared_expert_gate is not None:
+                shared_TD = torch.sigmoid(self.shared_expert_gate(x_TD)) * shared_TD  # Qwen2-MoE shared gate
+            y_TD = y_TD + shared_TD
+        return y_TD.view(B, S, D)
+
+
 class MoeDecoderLayer(GradientCheckpointingLayer):
     """Pre-norm decoder layer: x + attn(norm(x)), then x + ffn(norm(x)), the FFN dense or MoE by config."""
 
@@ -274,7 +352,8 @@ class MoeDecoderLayer(GradientCheckpointingLayer):
         super().__init__()
         self.self_attn = MoeAttention(config, layer_idx)
         self.is_moe = config.is_moe_layer(layer_idx)
-        self.mlp = MoeSparseBlock(config) if self.is_moe else MoeMLP(config, config.intermediate_size)
+        moe_block = SoftMoeBlock if config.router_type == "soft" else MoeSparseBlock
+        self.mlp = moe_block(config) if self.is_moe else MoeMLP(config, config.intermediate_size)
         self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
@@ -324,7 +403,7 @@ class MoePreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _can_record_outputs = {
-        "router_logits": OutputRecorder(MoeRouter, index=0),
+        "router_logits": [OutputRecorder(MoeRouter, index=0), OutputRecorder(SoftMoeRouter, index=0)],
         "router_indices": OutputRecorder(MoeDispatcher, index=0),
         "dropped_tokens": OutputRecorder(MoeDispatcher, index=2),
         "hidden_states": MoeDecoderLayer,
@@ -385,6 +464,8 @@ class MoePreTrainedModel(PreTrainedModel):
             if module.gate_up_proj_bias is not None:
                 init.zeros_(module.gate_up_proj_bias)
                 init.zeros_(module.down_proj_bias)
+        elif isinstance(module, SoftMoeRouter):
+            init.normal_(module.weight, mean=0.0, std=std)  # Phi
         elif isinstance(module, MoeRouter):
             init.normal_(module.weight, mean=0.0, std=std)
             if getattr(module, "noise_weight", None) is not None:
@@ -545,7 +626,7 @@ class MoeForCausalLM(MoePreTrainedModel, GenerationMixin):
         """Context for `generate()`: MoE blocks route without capacity unless `config.capacity_in_generation`
         is set, and the forward skips router losses and routing records nobody reads (unless
         `output_router_logits` is asked for)."""
-        blocks = [m for m in self.modules() if isinstance(m, MoeSparseBlock)]
+        blocks = [m for m in self.modules() if isinstance(m, (MoeSparseBlock, SoftMoeBlock))]
         previous = [b.in_generation for b in blocks], self._in_generation
         for b in blocks:
             b.in_generation = True
@@ -729,4 +810,5 @@ __all__ = [
     "MoeModel",
     "MoePreTrainedModel",
     "MoeSparseBlock",
+    "SoftMoeBlock",
 ]

@@ -2,7 +2,8 @@
 
 Shape legend used in every name and comment of this file:
     T tokens (batch * sequence, flattened), D hidden size, E experts, K experts per token (token choice),
-    G expert groups.
+    G expert groups; for soft routing: B batch, S sequence, N token groups, M tokens per group (the config's
+    soft group size), P slots (E * slots per expert).
 
 A dropped or unchosen assignment carries the sentinel expert index E; the experts skip it and its weight is 0.
 Selection and weighting are separate: `scores_TE` are what the weights are taken from, `choice_TE` what the
@@ -21,6 +22,12 @@ Router types (config.router_type):
                      A token sees other positions of the batch, so this is not causal: use it for training and
                      full-sequence evaluation. In `generate()` it falls back to token-choice top-k over the same
                      softmax scores, weights not renormalised.
+    soft             Soft MoE (Puigcerver et al. 2023) in the causal Mixture-of-Tokens form (Antoniak et al. 2023):
+                     slot logits L = x Phi^T over P = E * slots_per_expert slots; within a group of tokens (G
+                     sequences of the batch at one position), dispatch D = softmax of L over the group's tokens
+                     (Eq. 1), slot input = sum_t D[t, p] x_t, combine C = softmax of L over slots (Eq. 2), output
+                     y_t = sum_p C[t, p] expert_p(slot input p). No token is dropped; nothing crosses positions.
+                     G = 1 (generation, eval by default) gives D = 1: the dense soft mixture of all experts.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 TOKEN_CHOICE_ROUTERS = ("topk_softmax", "switch", "noisy_topk", "sigmoid_grouped")
-ROUTER_TYPES = (*TOKEN_CHOICE_ROUTERS, "expert_choice")
+ROUTER_TYPES = (*TOKEN_CHOICE_ROUTERS, "expert_choice", "soft")
 CAPACITY_POLICIES = ("drop", "priority", "next_choice")
 
 
@@ -374,6 +381,84 @@ class MoeRouter(nn.Module):
         self.load_counts.zero_()
 
 
+# ----------------------------------------------------------------------------------------------- soft routing
+def to_position_groups(x_BS: torch.Tensor, group_size: int, fill: float | bool = 0) -> torch.Tensor:
+    """Group batch rows at each position (Mixture of Tokens): rows [0, M), [M, 2M), ... form the groups.
+
+    Args:
+        x_BS: shape (B, S, *rest). group_size: M >= 1.
+        fill: value of the rows added when B is not a multiple of M (the last group's missing members; give them
+            a False token mask so that they take no share of a slot).
+    Returns:
+        x_NM: shape (N, M, *rest) with N = ceil(B / M) * S; group n holds position n % S of batch rows
+        M * (n // S) ... M * (n // S) + M - 1.
+    """
+    B, S, *rest = x_BS.shape
+    R = -(-B // group_size)  # groups per position
+    if R * group_size != B:
+        pad = x_BS.new_full((R * group_size - B, S, *rest), fill)
+        x_BS = torch.cat([x_BS, pad])
+    return x_BS.view(R, group_size, S, *rest).transpose(1, 2).reshape(R * S, group_size, *rest)
+
+
+def from_position_groups(x_NM: torch.Tensor, batch_size: int, seq_len: int) -> torch.Tensor:
+    """Inverse of `to_position_groups`: (N, M, *rest) -> (B, S, *rest), the fill rows removed."""
+    N, M, *rest = x_NM.shape
+    R = N // seq_len
+    return x_NM.view(R, seq_len, M, *rest).transpose(1, 2).reshape(R * M, seq_len, *rest)[:batch_size]
+
+
+def soft_dispatch_weights(logits_NMP: torch.Tensor, token_mask_NM: torch.Tensor) -> torch.Tensor:
+    """Soft MoE dispatch weights: for each slot, a softmax over the tokens of its group (Puigcerver et al. 2023,
+    Eq. 1), padding excluded.
+
+    A masked token's weight is exactly 0; a slot whose group has no real token gets all-zero weights (its input
+    is the zero vector) instead of a 0/0.
+
+    Args:
+        logits_NMP: slot logits x Phi^T, shape (N, M, P). token_mask_NM: bool, False for padding and fill rows.
+    Returns:
+        dispatch_NMP: float32, each (n, :, p) column sums to 1 over the real tokens of group n (or is all 0).
+    """
+    logits_NMP = logits_NMP.float().masked_fill(~token_mask_NM[..., None], float("-inf"))
+    max_N1P = logits_NMP.amax(dim=1, keepdim=True).detach()
+    max_N1P = torch.where(torch.isfinite(max_N1P), max_N1P, 0.0)
+    exp_NMP = torch.exp(logits_NMP - max_N1P)  # exp(-inf) = 0 for padding
+    return exp_NMP / exp_NMP.sum(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def soft_combine_weights(logits_NMP: torch.Tensor) -> torch.Tensor:
+    """Soft MoE combine weights: for each token, a softmax over all P slots (Puigcerver et al. 2023, Eq. 2).
+
+    Returns:
+        combine_NMP: float32, shape (N, M, P), rows sum to 1.
+    """
+    return F.softmax(logits_NMP, dim=-1, dtype=torch.float32)
+
+
+class SoftMoeRouter(nn.Module):
+    """Soft MoE router: Phi, one D-vector per slot; slot p belongs to expert p // slots_per_expert.
+
+    `forward(x_TD)` returns `(router_logits_TE, slot_logits_TP)`. `router_logits_TE` (float32) is, per expert,
+    the logsumexp of its slots' logits, so its softmax over E is exactly the token's combine mass per expert
+    (the share of its output that comes from each expert); it is what the model records as `router_logits`
+    (statistics, z-loss). `slot_logits_TP` (input dtype) are x Phi^T, grouped and normalised by the block.
+    Named `router` in the block, so router-stable LoRA and the parameter accounting treat Phi as the router.
+    """
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.num_experts = config.num_local_experts
+        self.slots_per_expert = config.soft_slots_per_expert
+        self.weight = nn.Parameter(torch.empty(self.num_experts * self.slots_per_expert, config.hidden_size))  # Phi
+
+    def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        slot_logits_TP = F.linear(x_TD, self.weight)
+        T = slot_logits_TP.shape[0]
+        router_logits_TE = slot_logits_TP.float().view(T, self.num_experts, self.slots_per_expert).logsumexp(-1)
+        return router_logits_TE, slot_logits_TP
+
+
 class MoeDispatcher(nn.Module):
     """Parameter-free capacity step between router and experts: applies the overflow policy to token-choice
     assignments, counts drops, and is where the final routing is recorded (`router_indices`, `dropped_tokens`).
@@ -425,14 +510,19 @@ __all__ = [
     "TOKEN_CHOICE_ROUTERS",
     "MoeDispatcher",
     "MoeRouter",
+    "SoftMoeRouter",
     "apply_capacity",
     "capacity_keep_mask",
     "expert_capacity",
     "expert_choice_routing",
+    "from_position_groups",
     "group_limited_choice",
     "keep_topk_softmax",
     "next_choice_reroute",
     "priority_keep_mask",
+    "soft_combine_weights",
+    "soft_dispatch_weights",
     "switch_routing",
+    "to_position_groups",
     "topk_softmax_routing",
 ]

@@ -70,6 +70,18 @@ def router_entropy(router_logits_TE: torch.Tensor, token_mask=None) -> float:
     return float(h_T.mean()) if h_T.numel() else 0.0
 
 
+def expert_mass(router_logits_TE: torch.Tensor, token_mask=None) -> torch.Tensor:
+    """Sum over real tokens of the softmax router distribution: each expert's probability mass (E,) float64.
+
+    For Soft MoE (router_type="soft") the recorded logits are per-expert logsumexps of the slot logits, so this is
+    the combine weight each expert's slots receive, and `router_entropy` is the entropy of the per-expert
+    combine weights (of the slot combine weights themselves when there is one slot per expert).
+    """
+    probs_TE = F.softmax(router_logits_TE.double(), dim=-1)
+    mask_T = _flat_mask(token_mask, probs_TE.shape[0], probs_TE.device)
+    return (probs_TE if mask_T is None else probs_TE[mask_T]).sum(dim=0)
+
+
 def router_confidence(router_logits_TE: torch.Tensor, token_mask=None) -> dict[str, float]:
     """Mean top-1 softmax probability and mean margin (top-1 minus top-2 probability) over real tokens."""
     probs_TE = F.softmax(router_logits_TE.double(), dim=-1)
@@ -135,6 +147,7 @@ class RoutingAccumulator:
     entropy_sum: list[float] = field(default_factory=list)
     top1_sum: list[float] = field(default_factory=list)
     margin_sum: list[float] = field(default_factory=list)
+    mass: list[torch.Tensor] = field(default_factory=list)
     real_tokens: int = 0
 
     @classmethod
@@ -161,9 +174,11 @@ class RoutingAccumulator:
             self.counts = [torch.zeros(self.num_experts, dtype=torch.float64) for _ in range(layers)]
             self.dropped = [0.0] * layers
             self.entropy_sum, self.top1_sum, self.margin_sum = [0.0] * layers, [0.0] * layers, [0.0] * layers
+            self.mass = [torch.zeros(self.num_experts, dtype=torch.float64) for _ in range(layers)]
         for layer, (logits_TE, indices_TK) in enumerate(zip(outputs.router_logits, outputs.router_indices)):
             self.counts[layer] += expert_counts(indices_TK.detach(), self.num_experts, mask).cpu()
             self.entropy_sum[layer] += router_entropy(logits_TE.detach(), mask) * n_real
+            self.mass[layer] += expert_mass(logits_TE.detach(), mask).cpu()
             conf = router_confidence(logits_TE.detach(), mask)
             self.top1_sum[layer] += conf["top1_prob"] * n_real
             self.margin_sum[layer] += conf["margin"] * n_real
@@ -172,7 +187,8 @@ class RoutingAccumulator:
         self.real_tokens += n_real
 
     def summary(self) -> list[dict]:
-        """Per MoE layer: load fractions, CV, load entropy, router entropy, confidence, drops, dead experts."""
+        """Per MoE layer: load fractions, CV, load entropy, router entropy, confidence, drops, dead experts, and
+        "expert_mass": each expert's mean router probability (Soft MoE: its mean combine weight)."""
         out = []
         n = max(self.real_tokens, 1)
         for layer, counts_E in enumerate(self.counts):
@@ -188,6 +204,7 @@ class RoutingAccumulator:
                         self.dropped[layer], self.real_tokens, 1 if self.expert_choice else self.top_k
                     ),
                     "dead_experts": dead_experts(counts_E),
+                    "expert_mass": (self.mass[layer] / n).tolist(),
                 }
             )
         return out
@@ -195,6 +212,7 @@ class RoutingAccumulator:
     def reset(self) -> None:
         """Start a new window."""
         self.counts, self.dropped, self.entropy_sum, self.top1_sum, self.margin_sum = [], [], [], [], []
+        self.mass = []
         self.real_tokens = 0
 
 
@@ -211,6 +229,7 @@ __all__ = [
     "dead_experts",
     "dropped_fraction",
     "expert_counts",
+    "expert_mass",
     "load_cv",
     "load_entropy",
     "load_fractions",

@@ -58,6 +58,9 @@ CASES = {
         capacity_factor_eval=2.0,
         capacity_policy="next_choice",
     ),
+    "soft_moe": dict(
+        router_type="soft", router_aux_loss_coef=0.0, soft_slots_per_expert=2, soft_group_size=2, moe_layers=[1]
+    ),
 }
 
 

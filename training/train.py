@@ -17,7 +17,8 @@ model's vocabulary size is trained on the training text and saved with the model
 
 MoE handling, on by default:
   * the loss is CE + router_aux_loss_coef * aux + router_z_loss_coef * z (the model adds them); training with no
-    balancing at all (aux coefficient 0 and no aux-loss-free bias) is refused unless `--allow_no_balancing`;
+    balancing at all (aux coefficient 0 and no aux-loss-free bias) is refused unless `--allow_no_balancing`
+    (expert choice and Soft MoE need none: every expert gets its fixed share of slots);
   * aux-loss-free bias updates (`router_bias_update_rate > 0`) run after every optimizer step
     (`RouterBiasUpdateCallback`);
   * `RouterMonitorCallback` logs per-layer load, CV, entropy, drops, aux / z losses and dead experts at every
@@ -398,7 +399,7 @@ def check_balancing(config: MoeConfig, allow_no_balancing: bool) -> str:
         config.router_aux_loss_coef > 0
         or config.router_importance_loss_coef > 0
         or config.router_bias_update_rate > 0
-        or config.router_type == "expert_choice"
+        or config.router_type in ("expert_choice", "soft")  # balanced by construction / nothing to balance
     )
     if not balanced and not allow_no_balancing:
         raise TrainArgumentError(
