@@ -80,9 +80,11 @@ def _labels(layers: list[int]) -> list[str]:
     return [f"L{layer}" for layer in layers]
 
 
-def plot_load_heatmap(routing: dict) -> str:
-    """Heatmap of the load fraction per MoE layer (rows) and expert (columns)."""
-    loads = [s["load"] for s in routing["layers"]]
+def plot_load_heatmap(routing: dict, key: str = "load") -> str:
+    """Heatmap of the load fraction per MoE layer (rows) and expert (columns); with key="expert_mass", of the mean
+    router probability instead (for Soft MoE: the mean combine weight, its load being equal by construction)."""
+    loads = [s[key] for s in routing["layers"]]
+    what = "load (fraction of assignments)" if key == "load" else "mass (mean combine weight)"
     layers = [s["layer"] for s in routing["layers"]]
 
     def draw(fig):
@@ -92,7 +94,7 @@ def plot_load_heatmap(routing: dict) -> str:
         ax.set_ylabel("MoE layer")
         ax.set_yticks(range(len(layers)), _labels(layers))
         ax.set_xticks(range(len(loads[0])))
-        ax.set_title(f"expert load (fraction of assignments); balanced = {1 / len(loads[0]):.3f}")
+        ax.set_title(f"expert {what}; balanced = {1 / len(loads[0]):.3f}")
         if len(loads[0]) * len(loads) <= 128:
             for i, row in enumerate(loads):
                 for j, v in enumerate(row):
@@ -357,6 +359,7 @@ def _routing_section(results: dict) -> str:
     keys = ["load_cv", "load_entropy", "router_entropy", "top1_prob", "margin", "dropped_fraction", "dead_experts"]
     rows = [[f"L{s['layer']}", *[s[k] for k in keys]] for s in routing["layers"]]
     plots = [_img(plot_balance(routing), "load balance per layer"), _img(plot_confidence(routing), "router confidence")]
+    heatmap = plot_load_heatmap(routing, "expert_mass" if routing["router_type"] == "soft" else "load")
     if len(layers) > 1:
         plots.append(_img(plot_consecutive(routing), "consecutive-layer agreement"))
     if routing.get("capacity_sweep"):
@@ -365,8 +368,7 @@ def _routing_section(results: dict) -> str:
         "<h2>Routing</h2>",
         f'<p class="note">{routing["router_type"]} routing, E={routing["num_experts"]}, k={routing["top_k"]}, '
         f"{routing['num_tokens']:,} tokens.</p>",
-        f'<div class="plots">{_img(plot_load_heatmap(routing), "expert load heatmap")}{_table(["layer", *keys], rows)}'
-        "</div>",
+        f'<div class="plots">{_img(heatmap, "expert load heatmap")}{_table(["layer", *keys], rows)}</div>',
         f'<div class="plots">{"".join(plots)}</div>',
     ]
     if routing.get("comparison"):

@@ -31,7 +31,8 @@ class ParameterCount:
     """Parameter counts per component (see `COMPONENTS`).
 
     `total[c]` counts every parameter of component c once (tied weights once). `active[c]` counts the
-    parameters one token uses in a forward pass: experts scale by k / E, everything else is fully active.
+    parameters one token uses in a forward pass: experts scale by k / E (all experts for Soft MoE), everything
+    else is fully active.
     """
 
     total: dict[str, int] = field(default_factory=dict)
@@ -77,6 +78,8 @@ def count_parameters(config_or_model: MoeConfig | nn.Module) -> ParameterCount:
         raise TypeError(f"count_parameters takes a MoeConfig or a MoeForCausalLM, got {type(config_or_model).__name__}")
     config = model.config
     active_fraction = config.num_experts_per_tok / config.num_local_experts
+    if config.router_type == "soft":  # every token's output mixes every expert's slots (FLOPs: E * slots / G rows)
+        active_fraction = 1.0
     counts = ParameterCount(total=dict.fromkeys(COMPONENTS, 0), active=dict.fromkeys(COMPONENTS, 0))
     packed = _packed_parameters(model)
     for name, param in model.named_parameters():  # tied parameters are listed once

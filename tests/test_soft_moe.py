@@ -237,7 +237,9 @@ def test_routing_records_and_statistics():
     combine_TE = torch.softmax(x_TD @ block.router.weight.T, -1).view(-1, E, 2).sum(-1)
     torch.testing.assert_close(torch.softmax(out.router_logits[0], -1), combine_TE)
     real = mask.reshape(-1).bool()
-    torch.testing.assert_close(torch.tensor(layer["expert_mass"]), combine_TE[real].mean(0).double())
+    torch.testing.assert_close(
+        torch.tensor(layer["expert_mass"], dtype=torch.float64), combine_TE[real].mean(0).double()
+    )
 
 
 # ------------------------------------------------------------------------------------------------ conversion
@@ -287,3 +289,53 @@ def test_training_accepts_soft_without_balancing():
     from training.train import check_balancing
 
     assert "router soft" in check_balancing(soft_config(), allow_no_balancing=False)
+
+
+def test_toy_experiment_smoke(tmp_path):
+    import json
+
+    from training.soft_moe_toy_experiment import main
+
+    args = ["--corpus_chars", "20000", "--vocab_size", "300", "--hidden_size", "32", "--expert_intermediate_size"]
+    args += ["32", "--num_layers", "1", "--num_heads", "2", "--seq_len", "16", "--batch_size", "4", "--steps", "2"]
+    args += ["--transition_steps", "2", "--eval_every", "2", "--eval_blocks", "4", "--seeds", "0", "1"]
+    args += ["--threads", "1"]  # tiny ops: thread synchronisation would dominate on a loaded machine
+    threads = torch.get_num_threads()
+    try:
+        summary = main([*args, "--out_dir", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)  # main() sets the global thread count
+    assert (tmp_path / "soft_moe_toy.png").stat().st_size > 0
+    saved = json.loads((tmp_path / "soft_moe_toy.json").read_text())
+    assert [r["seed"] for r in saved["seeds"]] == [0, 1]
+    assert saved["expert_rows_per_token"] == {"topk": 2, "soft_training": 2.0, "soft_g1": 4}
+    first = summary["seeds"][0]
+    assert [s for s, _ in first["curves"]["soft_g1"]] == [0, 2]
+    # the conversion starts from the soft model's weights: its loss is finite and the curve starts at step 2
+    assert first["curves"]["converted"][0][0] == 2 and first["converted_before_tuning"] < 10
+    with pytest.raises(ValueError, match="equal active FLOPs"):
+        main([*args, "--soft_group_size", "1", "--out_dir", str(tmp_path)])
+
+
+def test_trainer_steps_and_eval_routing_report(tmp_path):
+    from transformers import TrainingArguments, default_data_collator
+
+    from eval.report import plot_load_heatmap
+    from eval.routing import collect_routing
+    from training.train import MoeTrainer
+
+    model = _model(soft_group_size=2)
+    before = model.model.layers[0].mlp.experts.gate_up_proj.detach().clone()
+    ids = torch.randint(3, 128, (4, 8))
+    data = [{"input_ids": row, "labels": row, "attention_mask": torch.ones_like(row)} for row in ids]
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, learning_rate=1e-3,
+        report_to="none", disable_tqdm=True, save_strategy="no",
+    )  # fmt: skip
+    MoeTrainer(model=model, args=args, train_dataset=data, data_collator=default_data_collator).train()
+    assert not torch.equal(model.model.layers[0].mlp.experts.gate_up_proj, before)
+    capture = collect_routing(model.eval(), [list(range(3, 40))], max_length=8, batch_size=2, max_tokens=None)
+    layer = capture.summary[0]
+    assert layer["dropped_fraction"] == 0.0 and sum(layer["expert_mass"]) == pytest.approx(1.0)
+    routing = {"layers": [{"layer": i, **s} for i, s in enumerate(capture.summary)]}
+    assert plot_load_heatmap(routing, "expert_mass")  # the report's heatmap for soft routing

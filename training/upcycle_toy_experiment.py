@@ -84,15 +84,19 @@ def eval_loss(model, blocks: torch.Tensor, batch_size: int) -> float:
     return total / count
 
 
-def train(model, blocks, eval_blocks, args: ToyArguments, steps: int, lr: float, seed: int, label: str) -> list:
-    """AdamW with linear warm-up (5%) and cosine decay; returns [(step, eval loss)] including step 0."""
+def train(model, blocks, eval_blocks, args, steps: int, lr: float, seed: int, label: str, evaluate=None) -> list:
+    """AdamW with linear warm-up (5%) and cosine decay; returns [(step, eval loss)] including step 0.
+
+    `evaluate(model) -> float` replaces the default `eval_loss(model, eval_blocks, args.batch_size)`."""
+    if evaluate is None:
+        evaluate = lambda m: eval_loss(m, eval_blocks, args.batch_size)  # noqa: E731
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
     warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
     )
     order = torch.randint(len(blocks), (steps, args.batch_size), generator=torch.Generator().manual_seed(seed))
-    curve = [(0, eval_loss(model, eval_blocks, args.batch_size))]
+    curve = [(0, evaluate(model))]
     model.train()
     start = time.perf_counter()
     for step in range(1, steps + 1):
@@ -104,7 +108,7 @@ def train(model, blocks, eval_blocks, args: ToyArguments, steps: int, lr: float,
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         if step % args.eval_every == 0 or step == steps:
-            curve.append((step, eval_loss(model, eval_blocks, args.batch_size)))
+            curve.append((step, evaluate(model)))
             print(f"[{label}] step {step}/{steps} eval CE {curve[-1][1]:.4f} ({time.perf_counter() - start:.0f} s)")
     return curve
 
