@@ -109,6 +109,7 @@ ROUTERS = {
     "sigmoid_grouped_aux_free": dict(
         router_type="sigmoid_grouped", n_group=2, topk_group=1, router_bias_update_rate=0.01, num_shared_experts=1
     ),
+    "soft": dict(router_type="soft", router_aux_loss_coef=0.0, soft_slots_per_expert=2, soft_group_size=2),
 }
 SLIDING = dict(sliding_window=4, layer_types=["sliding_attention", "full_attention"])
 

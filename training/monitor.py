@@ -175,6 +175,7 @@ class RouterMonitorCallback(TrainerCallback):
         flat = torch.cat(
             [
                 torch.stack(acc.counts).reshape(-1),
+                torch.stack(acc.mass).reshape(-1),
                 torch.tensor(acc.dropped + acc.entropy_sum + acc.top1_sum + acc.margin_sum, dtype=torch.float64),
                 torch.tensor([x for pair in self._loss_sums for x in pair], dtype=torch.float64),
                 torch.tensor([float(acc.real_tokens)], dtype=torch.float64),
@@ -183,7 +184,8 @@ class RouterMonitorCallback(TrainerCallback):
         torch.distributed.all_reduce(flat)
         E = acc.num_experts
         acc.counts = list(flat[: layers * E].view(layers, E).clone())
-        rest = flat[layers * E :].tolist()
+        acc.mass = list(flat[layers * E : 2 * layers * E].view(layers, E).clone())
+        rest = flat[2 * layers * E :].tolist()
         acc.dropped, acc.entropy_sum = rest[:layers], rest[layers : 2 * layers]
         acc.top1_sum, acc.margin_sum = rest[2 * layers : 3 * layers], rest[3 * layers : 4 * layers]
         pairs = rest[4 * layers : 6 * layers]

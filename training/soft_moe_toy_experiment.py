@@ -28,9 +28,9 @@ import torch
 from transformers import HfArgumentParser
 
 from modeling_moe import MoeConfig, MoeForCausalLM
+from modeling_moe.corpus import stdlib_paragraphs
 from modeling_moe.modeling_moe import SoftMoeBlock
 from modeling_moe.soft_conversion import soft_to_topk
-from training.corpus import stdlib_paragraphs
 from training.tokenizer import train_byte_level_bpe
 from training.upcycle_toy_experiment import eval_loss, token_blocks, train
 
