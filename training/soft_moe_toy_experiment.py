@@ -29,6 +29,7 @@ from transformers import HfArgumentParser
 
 from modeling_moe import MoeConfig, MoeForCausalLM
 from modeling_moe.corpus import stdlib_paragraphs
+from modeling_moe.hub import atomic_write_text
 from modeling_moe.modeling_moe import SoftMoeBlock
 from modeling_moe.soft_conversion import soft_to_topk
 from training.tokenizer import train_byte_level_bpe
@@ -212,7 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     out = Path(args.out_dir)
     plot(results, args, out / f"{args.name}.png")
-    (out / f"{args.name}.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_text(out / f"{args.name}.json", json.dumps(summary, indent=2))
     print(json.dumps({"mean_over_seeds": summary["mean_over_seeds"]}))
     return summary
 
