@@ -15,7 +15,7 @@ the dense soft mixture, E * slots expert rows per token). Finally it is converte
 ("transition tuning", Antoniak et al. 2023); the top-k baseline continues for the same steps, so both end with
 the same number of steps.
 
-    python -m training.soft_moe_toy_experiment        # writes outputs/soft_moe_toy.png and outputs/soft_moe_toy.json
+    python -m training.soft_moe_toy_experiment --seeds 0 1   # writes outputs/soft_moe_toy.png and .json
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ from training.upcycle_toy_experiment import eval_loss, token_blocks, train
 
 @dataclass
 class SoftToyArguments:
-    """Sizes and schedule (defaults: a few minutes per seed on 2 idle CPU cores)."""
+    """Sizes and schedule (defaults: about 35 minutes per seed single-threaded on the shared, loaded 2-core
+    machine where the README's figures were made)."""
 
     corpus_chars: int = field(default=1_500_000, metadata={"help": "characters of stdlib docstrings"})
     vocab_size: int = 1024
