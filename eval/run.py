@@ -32,7 +32,15 @@ from modeling_moe.corpus import write_corpus
 from . import cost as cost_lib
 from . import routing as routing_lib
 from .lm_eval_adapter import SHIPPED_TASKS, check_tasks, run_lm_eval
-from .loading import EvalInputError, LoadedModel, is_local_folder, load_model, load_tokenizer, resolve_dtype
+from .loading import (
+    EvalInputError,
+    LoadedModel,
+    check_model_source,
+    is_local_folder,
+    load_model,
+    load_tokenizer,
+    resolve_dtype,
+)
 from .perplexity import (
     PerplexityResult,
     check_window,
@@ -146,6 +154,9 @@ def check_before_work(args: EvalArguments) -> Path:
     """What can be checked before any model is loaded: the output folder is writable, the dataset file (if a
     local path) exists, the lm-eval tasks exist. Returns the output folder."""
     out_dir = check_output_dir(args.output_dir, "output_dir")
+    check_model_source(args.model, "model")
+    if args.compare_model:
+        check_model_source(args.compare_model, "compare_model")
     for name in ("tokenizer", "compare_tokenizer"):
         value = getattr(args, name)
         if value and Path(value).expanduser().exists() and not Path(value).expanduser().is_dir():

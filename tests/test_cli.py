@@ -60,6 +60,8 @@ def test_training_train(capsys, files):
         ([*base, "--train_file", str(files / "empty.json")], "'" + str(files / "empty.json") + "' is empty"),
         ([*base, "--train_file", str(files / "bad.json"), "--max_steps", "2"], "bad.json': not readable as json"),
         ([str(files / "run.json")], "run.json is not valid JSON"),
+        ([*base, "--final_model_dir", str(files), "--overwrite_final_model", "true"], "contains --output_dir"),
+        ([*base, "--final_model_dir", str(files / "out"), "--overwrite_final_model", "true"], "is --output_dir"),
     ]
     if not torch.accelerator.is_available():
         cases.append(([*base, "--fp16"], "--fp16 needs a GPU"))
@@ -78,6 +80,13 @@ def test_training_finetune_lora(capsys, files):
         ([*base], "--model_name_or_path: no config.json"),
     ]:
         assert match in user_error(capsys, finetune_lora, argv), argv
+    merged = files / "lora" / "merged"  # a merged model fine-tuned again into the same --output_dir
+    tiny_config().save_pretrained(merged)
+    before = sorted(p.name for p in merged.iterdir())
+    argv = ["--model_name_or_path", str(merged), "--output_dir", str(files / "lora"), "--merge", "true"]
+    line = user_error(capsys, finetune_lora, [*argv, "--overwrite_outputs", "true"])
+    assert "is the input --model_name_or_path" in line
+    assert sorted(p.name for p in merged.iterdir()) == before
 
 
 def test_training_upcycle_refuses_to_overwrite_its_input(capsys, files):

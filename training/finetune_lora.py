@@ -43,7 +43,7 @@ from transformers import AutoTokenizer, default_data_collator, set_seed
 from modeling_moe import MoeConfig, MoeForCausalLM
 from modeling_moe.balancing import RouterBiasUpdateCallback
 from modeling_moe.cli import CliParser, UsageError, check_output_dir, run_cli
-from modeling_moe.hub import atomic_directory, atomic_write_text, model_card, save_hub_ready
+from modeling_moe.hub import atomic_directory, atomic_write_text, check_disjoint, model_card, save_hub_ready
 from training.checkpoints import remove_staging
 from training.data import DataArguments, DataError, load_lm_datasets
 from training.lora import (
@@ -240,6 +240,7 @@ def validate_lora_arguments(lora_args: LoraArguments, args: LoraTrainingArgument
     out = check_output_dir(args.output_dir, "--output_dir")
     for folder in ("adapter", "merged") if lora_args.merge else ("adapter",):
         target = out / folder
+        check_disjoint(path, target, "--model_name_or_path", f"--output_dir's {folder}/")  # it is replaced whole
         if target.exists() and any(target.iterdir()) and not lora_args.overwrite_outputs:
             raise TrainArgumentError(
                 f"{target} exists and is not empty; pass --overwrite_outputs or another --output_dir"

@@ -258,8 +258,37 @@ def validate_arguments(model_args: ModelArguments, data_args: DataArguments, arg
         )
     check_schedule_and_precision(args)
     args.resume_from_checkpoint = resolve_resume(args.resume_from_checkpoint, args.output_dir)
+    check_final_dir_is_apart(final_dir, model_args, data_args, args)
     if args.push_to_hub and args.hub_model_id is not None and args.hub_model_id.count("/") > 1:
         raise TrainArgumentError(f"--hub_model_id must be 'name' or 'owner/name', got {args.hub_model_id!r}")
+
+
+def check_final_dir_is_apart(
+    final_dir: Path, model_args: ModelArguments, data_args: DataArguments, args: TrainingArguments
+) -> None:
+    """The final model replaces --final_model_dir as a whole (with --overwrite_final_model): refuse one that
+    contains an input (model, tokenizer, checkpoint, data files) or is or contains --output_dir (its checkpoints),
+    which the replacement would delete. Replacing the --model_name_or_path folder itself is allowed: the model is
+    loaded before and the swap is atomic."""
+    inputs = [
+        ("--model_name_or_path", model_args.model_name_or_path),
+        ("--tokenizer_name_or_path", model_args.tokenizer_name_or_path),
+        ("--resume_from_checkpoint", args.resume_from_checkpoint),
+        *[("--train_file", f) for f in data_args.train_file or []],
+        *[("--validation_file", f) for f in data_args.validation_file or []],
+        ("--output_dir", args.output_dir),
+    ]
+    final = final_dir.resolve()
+    for name, path in inputs:
+        if not path:
+            continue
+        resolved = Path(path).resolve()
+        if final in resolved.parents or (name == "--output_dir" and final == resolved):
+            relation = "is" if final == resolved else "contains"
+            raise TrainArgumentError(
+                f"--final_model_dir {str(final_dir)!r} {relation} {name} {str(path)!r}; writing the final model "
+                f"there would delete it (default: <output_dir>/{FINAL_MODEL_SUBDIR})"
+            )
 
 
 def check_schedule_and_precision(args: TrainingArguments) -> None:
