@@ -188,7 +188,8 @@ class MoeAttention(nn.Module):
         cos, sin = position_embeddings
         query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
         if cache is not None:
-            key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
+            # kwargs: a paged cache (continuous batching, 5.24) fills in what its attention kernel reads
+            key_states, value_states = cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward

@@ -130,6 +130,23 @@ def test_cached_generation_equals_uncached_for_every_cache_kind(router, cache_ki
     assert deprecation_messages == []
 
 
+def test_continuous_batching_equals_generate():
+    """`generate_batch` (continuous batching on a paged cache) gives each prompt the tokens `generate` gives it
+    alone. In 5.24 the paged cache fills the attention kwargs inside `cache.update(..., kwargs=kwargs)`; without
+    that argument every request came back empty."""
+    model = MoeForCausalLM(tiny_config()).eval()
+    prompts = [[5, 6, 7, 8], [9, 10, 11]]
+    config = transformers.GenerationConfig(max_new_tokens=6, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    small_cache = transformers.ContinuousBatchingConfig(page_size=16, num_blocks=8, max_batch_tokens=32)
+    results = model.generate_batch(
+        inputs=prompts, generation_config=config, continuous_batching_config=small_cache, warmup=False
+    )
+    by_prompt = {tuple(r.prompt_ids): r.generated_tokens for r in results.values()}
+    for prompt in prompts:
+        alone = model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, eos_token_id=-1)
+        assert by_prompt[tuple(prompt)] == alone[0, len(prompt) :].tolist()
+
+
 def test_greedy_tokens_equal_mixtrals_with_cache():
     torch.manual_seed(0)
     theirs = MixtralForCausalLM(
