@@ -18,7 +18,7 @@ from modeling_moe.cli import UsageError, run_cli
 from modeling_moe.corpus import stdlib_paragraphs
 from tests.conftest import tiny_config
 from tests.training_helpers import REPO_ROOT, offline_env
-from training import demo, finetune_lora, train, upcycle, upcycle_toy_experiment
+from training import demo, finetune_lora, soft_moe_toy_experiment, train, upcycle, upcycle_toy_experiment
 from training.tokenizer import train_byte_level_bpe
 
 
@@ -105,7 +105,7 @@ def test_training_upcycle_refuses_to_overwrite_its_input(capsys, files):
     assert sorted(p.name for p in dense.iterdir()) == ["config.json"]
 
 
-def test_training_demo_and_toy_experiment_and_screenshot(capsys, files):
+def test_training_demo_and_toy_experiments_and_screenshot(capsys, files):
     assert "--dense_steps must be >= 1" in user_error(capsys, demo, ["--dense_steps", "0"])
     assert "--smokee (did you mean --smoke?)" in user_error(capsys, demo, ["--smokee"])
     assert "--out" in user_error(capsys, demo, ["--smoke", "--out", str(files / "a_file" / "demo")])
@@ -113,6 +113,8 @@ def test_training_demo_and_toy_experiment_and_screenshot(capsys, files):
     assert "--num_experts_per_tok 5 is above" in user_error(
         capsys, upcycle_toy_experiment, ["--num_experts_per_tok", "5"]
     )
+    assert "--soft_group_size must be >= 1" in user_error(capsys, soft_moe_toy_experiment, ["--soft_group_size", "0"])
+    assert "equal active FLOPs" in user_error(capsys, soft_moe_toy_experiment, ["--top_k", "3"])
     assert "html: no such file" in user_error(capsys, screenshot, [str(files / "no.html"), str(files / "x.png")])
     assert "--width must be >= 1" in user_error(capsys, screenshot, ["a.html", "b.png", "--width", "0"])
 

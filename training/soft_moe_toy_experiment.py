@@ -25,9 +25,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import HfArgumentParser
 
 from modeling_moe import MoeConfig, MoeForCausalLM
+from modeling_moe.cli import CliParser, UsageError, check_output_dir, run_cli
 from modeling_moe.corpus import stdlib_paragraphs
 from modeling_moe.hub import atomic_write_text
 from modeling_moe.modeling_moe import SoftMoeBlock
@@ -181,12 +181,33 @@ def plot(results: list[dict], args: SoftToyArguments, path: Path) -> None:
     plt.close(fig)
 
 
+PROG = "python -m training.soft_moe_toy_experiment"
+
+
+def check_arguments(args: SoftToyArguments) -> None:
+    """Refuse sizes and rates that cannot run, naming the argument and the allowed range."""
+    for name, value in asdict(args).items():
+        if isinstance(value, int) and value < 1:
+            raise UsageError(f"--{name} must be >= 1, got {value}")
+    for name in ("lr", "transition_lr"):
+        if not getattr(args, name) > 0:
+            raise UsageError(f"--{name} must be > 0, got {getattr(args, name)}")
+    if not args.topk_aux_loss_coef >= 0:
+        raise UsageError(f"--topk_aux_loss_coef must be >= 0, got {args.topk_aux_loss_coef}")
+    if not args.seeds:
+        raise UsageError("--seeds needs at least one seed")
+    if not args.name or "/" in args.name:
+        raise UsageError(f"--name must be a file name without '/', got {args.name!r}")
+    check_output_dir(args.out_dir, "--out_dir")
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Run every seed; write `{out_dir}/{name}.png` (first seed) and `.json`; return the summary."""
-    (args,) = HfArgumentParser(SoftToyArguments).parse_args_into_dataclasses(args=argv)
+    (args,) = CliParser(SoftToyArguments, prog=PROG).parse(argv)
+    check_arguments(args)
     soft_rows = args.num_experts * args.soft_slots_per_expert / args.soft_group_size
     if soft_rows != args.top_k:
-        raise ValueError(
+        raise UsageError(
             f"equal active FLOPs needs num_experts * soft_slots_per_expert / soft_group_size == top_k, got "
             f"{args.num_experts} * {args.soft_slots_per_expert} / {args.soft_group_size} = {soft_rows:g} "
             f"!= {args.top_k}"
@@ -219,5 +240,7 @@ def main(argv: list[str] | None = None) -> dict:
     return summary
 
 
+USER_ERRORS = ()
+
 if __name__ == "__main__":
-    main()
+    run_cli(main, PROG, user_errors=USER_ERRORS)
