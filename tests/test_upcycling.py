@@ -250,6 +250,8 @@ def test_switch_upcycling_scales_the_dense_ffn_by_the_router_probability():
         assert not torch.allclose(moe(ids).logits, dense(ids).logits, atol=1e-3)
     with pytest.raises(UpcyclingError, match="num_experts_per_tok must be 1"):
         upcycle(dense, num_experts=4, num_experts_per_tok=2, router_type="switch")
+    with pytest.raises(UpcyclingError, match="router_type='soft' cannot be upcycled into"):
+        upcycle(dense, num_experts=4, num_experts_per_tok=2, router_type="soft")
 
 
 def test_noise_changes_experts_by_the_requested_scale():

@@ -59,8 +59,14 @@ class UpcycleOptions:
                 raise UpcyclingError(f"{name} must be an integer >= 1, got {value!r}")
         if k > E:
             raise UpcyclingError(f"num_experts_per_tok ({k}) must be <= num_experts ({E})")
+        upcyclable = tuple(r for r in ROUTER_TYPES if r != "soft")
+        if self.router_type == "soft":  # Φ has one row per slot and no token-choice init; see soft_conversion.py
+            raise UpcyclingError(
+                f"router_type='soft' cannot be upcycled into (the router initialisations are for token-choice "
+                f"routers); upcycle with one of {upcyclable} and build a Soft MoE from the config instead"
+            )
         if self.router_type not in ROUTER_TYPES:
-            raise UpcyclingError(f"router_type must be one of {ROUTER_TYPES}, got {self.router_type!r}")
+            raise UpcyclingError(f"router_type must be one of {upcyclable}, got {self.router_type!r}")
         if self.router_type == "switch" and k != 1:
             raise UpcyclingError(
                 f"router_type='switch' routes each token to one expert: num_experts_per_tok must be 1, got {k}"
