@@ -702,6 +702,8 @@ class MoeForCausalLM(MoePreTrainedModel, GenerationMixin):
             router_losses = self.router_losses(router_logits, token_mask)
             aux_loss = router_losses["aux"].to(hidden_states.device)
             if loss is not None:
+                if torch.is_grad_enabled():
+                    self._check_router_logits_carry_gradients(router_logits)
                 loss = loss + router_losses["total"].to(loss.device)
 
         dropped = None
@@ -718,6 +720,19 @@ class MoeForCausalLM(MoePreTrainedModel, GenerationMixin):
             router_indices=outputs.router_indices if output_router_logits else None,
             dropped_tokens=dropped,
         )
+
+    def _check_router_logits_carry_gradients(self, router_logits) -> None:
+        """Refuse a training loss whose router logits lost their autograd graph while a router is trainable: reentrant
+        activation checkpointing (`use_reentrant=True`) runs each layer's first forward under `no_grad`, so the
+        recorded logits, and with them the router losses, would silently train nothing."""
+        if all(logits.requires_grad for logits in router_logits):
+            return
+        if any(p.requires_grad for m in self.modules() if isinstance(m, MoeRouter) for p in m.parameters()):
+            raise RuntimeError(
+                "the router logits carry no gradient, so the router losses would not train the routers; this happens "
+                "with reentrant activation checkpointing: use activation_checkpointing_kwargs={'use_reentrant': False} "
+                "(transformers' default)"
+            )
 
     def _chunked_lm_loss_applies(self, logits_to_keep: int | torch.Tensor) -> bool:
         """`config.lm_loss_chunk_size` is set, the model is training, every position is kept, and the LM head is
