@@ -1,6 +1,7 @@
 """Load what the harness evaluates: a model folder of this repository, a Hub-style folder or id, or a transformers
 Mixtral (converted with `modeling_moe.convert.from_mixtral`, same logits, so that its routing is recorded like
-ours), plus its tokenizer. Weights are read with safetensors only.
+ours), plus its tokenizer. Weights are read with safetensors only, strictly (`modeling_moe.checkpoint.load_pretrained`):
+missing, unexpected or wrong-shape tensors are refused.
 
 Code shipped in a folder (`auto_map`) runs only with consent (`trust_remote_code=True`, `--trust_remote_code`),
 as in transformers. This repository's models never need it: `model_type` "moe_lm" always loads with the installed
@@ -24,12 +25,12 @@ from transformers import (
 )
 
 from modeling_moe import MoeForCausalLM  # importing it registers model_type "moe_lm" with the Auto classes
+from modeling_moe.checkpoint import CheckpointError, check_checkpoint_folder, load_pretrained
 from modeling_moe.convert import from_mixtral
 
 from .errors import EvalInputError
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 
 
 @dataclass
@@ -68,8 +69,9 @@ def check_model_source(source: str, field: str = "model") -> Path | None:
     Returns:
         The folder as a `Path`, or None for a Hub id.
     Raises:
-        EvalInputError: the folder does not exist, has no config.json, or has no safetensors weights (a folder
-            with only pickle weights, `pytorch_model.bin`, is refused: this project never unpickles weights).
+        EvalInputError: the folder does not exist, has no config.json, lacks a routing field of a saved MoE
+            config, or has no readable safetensors weights (a folder with only pickle weights,
+            `pytorch_model.bin`, is refused: this project never unpickles weights); see `modeling_moe.checkpoint`.
     """
     path = Path(source).expanduser()
     looks_local = path.exists() or source.startswith((".", "/", "~")) or source.count("/") != 1
@@ -77,12 +79,10 @@ def check_model_source(source: str, field: str = "model") -> Path | None:
         return None
     if not path.is_dir():
         raise EvalInputError(f"{field}: {source!r} is not a folder (expected a model folder or a Hub id owner/name)")
-    if not (path / "config.json").is_file():
-        raise EvalInputError(f"{field}: folder {path} has no config.json, so it is not a transformers model folder")
-    if not any((path / name).is_file() for name in WEIGHT_FILES) and not list(path.glob("*.safetensors")):
-        pickled = sorted(p.name for p in path.glob("*.bin"))
-        extra = f" (found {pickled}; pickle weights are not loaded, convert them to safetensors)" if pickled else ""
-        raise EvalInputError(f"{field}: folder {path} has no safetensors weights (model.safetensors){extra}")
+    try:
+        check_checkpoint_folder(path)
+    except CheckpointError as err:
+        raise EvalInputError(f"{field}: {err}") from err
     return path
 
 
@@ -125,7 +125,8 @@ def load_model(
     Returns:
         A `LoadedModel` in eval mode.
     Raises:
-        EvalInputError: see `check_model_source` and `load_config`.
+        EvalInputError: see `check_model_source` and `load_config`; also a checkpoint with missing, unexpected or
+            wrong-shape tensors (`modeling_moe.checkpoint.CheckpointError`).
     """
     check_model_source(source, field)
     torch_dtype = resolve_dtype(dtype)
@@ -135,9 +136,9 @@ def load_model(
             model = from_mixtral(source).to(device=device, dtype=torch_dtype)
             return LoadedModel(model.eval(), str(source), "mixtral", converted_from="mixtral")
         # `remote` is False for ours (config loaded as the installed MoeConfig): the installed MoeForCausalLM
-        model = AutoModelForCausalLM.from_pretrained(
-            source, trust_remote_code=remote, use_safetensors=True, dtype=torch_dtype
-        )
+        model = load_pretrained(AutoModelForCausalLM, source, trust_remote_code=remote, dtype=torch_dtype)
+    except CheckpointError as err:
+        raise EvalInputError(f"{field}: {err}") from err
     except OSError as err:  # not found locally and not reachable on the Hub
         raise EvalInputError(f"{field}: could not load a model from {source!r}: {err}") from err
     model = model.to(device).eval()

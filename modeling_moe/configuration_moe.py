@@ -10,10 +10,14 @@ such configs.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import math
+import warnings
 
 from transformers.activations import ACT2FN
 from transformers.configuration_utils import PreTrainedConfig
+from transformers.generation import GenerationConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, RopeParameters
 
 from .quantized_experts import QuantizationError, check_expert_quantization
@@ -64,8 +68,85 @@ BOOL_FIELDS = (
 )
 
 
+# Names other MoE families (Switch / T5X, DeepSeek, Qwen2-MoE, DBRX, OLMoE, JetMoE, ...) use for a field of ours.
+# Passing one is refused with the right name: it would otherwise be kept as an unused attribute while the model
+# trains with our default. (`num_experts` is an accepted alias: `attribute_map`.)
+FIELD_ALIASES = {
+    "top_k": "num_experts_per_tok",
+    "moe_top_k": "num_experts_per_tok",
+    "num_experts_per_token": "num_experts_per_tok",
+    "experts_per_token": "num_experts_per_tok",
+    "num_selected_experts": "num_experts_per_tok",
+    "n_routed_experts": "num_local_experts",
+    "num_routed_experts": "num_local_experts",
+    "moe_num_experts": "num_local_experts",
+    "capacity_factor": "capacity_factor_train / capacity_factor_eval",
+    "train_capacity_factor": "capacity_factor_train",
+    "eval_capacity_factor": "capacity_factor_eval",
+    "expert_capacity": "capacity_factor_train / capacity_factor_eval",
+    "n_shared_experts": "num_shared_experts",
+    "decoder_sparse_step": "moe_layer_frequency",
+    "moe_layer_freq": "moe_layer_frequency",
+    "expert_interval": "moe_layer_frequency",
+    "first_k_dense_replace": "moe_layers",
+    "aux_loss_alpha": "router_aux_loss_coef",
+    "aux_loss_coef": "router_aux_loss_coef",
+    "load_balancing_loss_coef": "router_aux_loss_coef",
+    "z_loss_coef": "router_z_loss_coef",
+    "router_z_loss_coefficient": "router_z_loss_coef",
+    "scoring_func": "router_type",
+    "topk_method": "router_type",
+    "jitter_noise": "router_jitter_noise",
+    "expert_intermediate_size": "moe_intermediate_size",
+}
+# Keys transformers itself passes to or stores in configs (saved folders, Hub configs of older releases); they
+# are not fields of ours and are not reported. Generation parameters (`max_length`, ...) are added below.
+TRANSFORMERS_CONFIG_KEYS = frozenset(
+    {
+        "model_type",
+        "auto_map",
+        "torch_dtype",
+        "num_labels",
+        "rope_scaling",
+        "rope_theta",
+        "partial_rotary_factor",
+        "name_or_path",
+        "_name_or_path",
+        "_commit_hash",
+        "output_attentions",
+        "attn_implementation",
+        "experts_implementation",
+        "per_layer_config",
+        "_attn_implementation_internal",
+        "_experts_implementation_internal",
+        "_attn_implementation_autoset",
+        "quantization_config",
+        "use_return_dict",
+        "tokenizer_class",
+        "prefix",
+        "task_specific_params",
+        "finetuning_task",
+        "sep_token_id",
+        "decoder_start_token_id",
+        "is_decoder",
+        "add_cross_attention",
+        "cross_attention_hidden_size",
+        "tie_encoder_decoder",
+        "torchscript",
+        "pruned_heads",
+        "use_bfloat16",
+        "tf_legacy_loss",
+        "ignore_keys_at_rope_validation",
+    }
+)
+
+
 class MoeConfigError(ValueError):
     """A `MoeConfig` field holds an impossible value. The message names the field and what is allowed."""
+
+
+class MoeConfigWarning(UserWarning):
+    """A `MoeConfig` was given keys that are not fields of ours (kept as attributes, unused by the model)."""
 
 
 class MoeConfig(PreTrainedConfig):
@@ -169,8 +250,15 @@ class MoeConfig(PreTrainedConfig):
             `modeling_moe.quantize_experts`: {"bits": 8} (int8, per output channel) or {"bits": 4,
             "group_size": g} (int4, per group of g inputs). See `quantized_experts.py`.
 
+    Keys that are not fields: a misspelt field (a close match, e.g. `num_expert`) or another family's name for
+    one of ours (`FIELD_ALIASES`: `top_k`, `capacity_factor`, `num_experts_per_token`, ...) is refused with the
+    right name; any other unknown key is kept as an attribute, as transformers does for Hub configs, and listed
+    in one `MoeConfigWarning` (transformers' own keys, such as `transformers_version`, are not listed).
+    A config with no MoE layer at all (`moe_layers=[]`, a frequency larger than the depth) is refused.
+
     Raises:
-        MoeConfigError (a ValueError): a field holds an impossible value; the message names it.
+        MoeConfigError (a ValueError): a field holds an impossible value or a key is a misspelt field; the
+            message names it and what is allowed.
     """
 
     model_type = "moe_lm"
@@ -245,6 +333,11 @@ class MoeConfig(PreTrainedConfig):
     expert_quantization: dict | None = None
 
     def __post_init__(self, **kwargs):
+        for alias, name in self.attribute_map.items():  # e.g. num_experts: validated like the field itself
+            if alias in kwargs:
+                setattr(self, name, kwargs.pop(alias))
+        _check_unknown_keys(kwargs)
+        self._validate_sizes()
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.moe_intermediate_size is None:
@@ -271,6 +364,21 @@ class MoeConfig(PreTrainedConfig):
             self.validate_rope()
         except (KeyError, ValueError, TypeError) as err:
             raise MoeConfigError(f"rope_parameters {rope!r} is invalid: {err}") from err
+        theta = self.rope_parameters.get("rope_theta") if isinstance(self.rope_parameters, dict) else None
+        if theta is not None and (not _is_number(theta) or theta <= 0):
+            raise MoeConfigError(f"rope_theta (rope_parameters['rope_theta']) must be a number > 0, got {theta!r}")
+
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
+        """transformers' `get_config_dict`, except that a folder or repo without config.json is an error: transformers
+        returns an empty dict there, which would build the default (Mixtral-8x7B-sized) config."""
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        if not config_dict:
+            raise OSError(
+                f"{pretrained_model_name_or_path} has no config.json (or an empty one); MoeConfig does not fall back "
+                "to the default configuration. Pass a model folder, or build MoeConfig(...) explicitly"
+            )
+        return config_dict, kwargs
 
     # ------------------------------------------------------------------ derived values
     @property
@@ -309,8 +417,22 @@ class MoeConfig(PreTrainedConfig):
                 f"mlp_layer_types {self.mlp_layer_types} contradicts moe_layers {resolved}; give one of them, "
                 "or make them agree"
             )
+        if not resolved:
+            raise MoeConfigError(
+                f"the config has no MoE layer (moe_layers={self.moe_layers}, moe_layer_frequency="
+                f"{self.moe_layer_frequency}, num_hidden_layers={n}); give at least one layer index in "
+                f"[0, {n - 1}] or a moe_layer_frequency <= {n}"
+            )
         self.moe_layers = resolved
         self.mlp_layer_types = types
+
+    def _validate_sizes(self) -> None:
+        """The sizes everything else is derived from, checked before anything is derived from them."""
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+            _check_positive_int(name, getattr(self, name))
+        for name in ("num_key_value_heads", "head_dim", "moe_intermediate_size"):
+            if getattr(self, name) is not None:
+                _check_positive_int(name, getattr(self, name))
 
     def _validate(self) -> None:
         for name in (
@@ -359,12 +481,15 @@ class MoeConfig(PreTrainedConfig):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not _is_number(value) or not value > 0):
                 raise MoeConfigError(f"{name} must be None (dropless) or a number > 0, got {value!r}")
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            _check_token_id(name, getattr(self, name), self.vocab_size)
+        if not _is_number(self.attention_dropout) or not 0 <= self.attention_dropout < 1:
+            raise MoeConfigError(f"attention_dropout must be a number in [0, 1), got {self.attention_dropout!r}")
         for name in (
             "router_aux_loss_coef",
             "router_z_loss_coef",
             "router_importance_loss_coef",
             "router_bias_update_rate",
-            "attention_dropout",
             "initializer_range",
         ):
             value = getattr(self, name)
@@ -467,6 +592,36 @@ class MoeConfig(PreTrainedConfig):
                 )
 
 
+def _check_unknown_keys(kwargs: dict) -> None:
+    """Refuse keys that look like a field of ours; warn once about the other keys that are not fields."""
+    ours = [f.name for f in dataclasses.fields(MoeConfig) if f.name not in _BASE_FIELDS]
+    candidates = {name: name for name in ours} | {a: n for a, n in MoeConfig.attribute_map.items()} | FIELD_ALIASES
+    unknown = []
+    for key in kwargs:
+        if key in TRANSFORMERS_CONFIG_KEYS or (key in _GENERATION_KEYS and key not in FIELD_ALIASES):
+            continue
+        if key in FIELD_ALIASES:
+            raise MoeConfigError(f"{key!r} is not a MoeConfig field; this repository calls it {FIELD_ALIASES[key]}")
+        close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.8)
+        if close:
+            raise MoeConfigError(f"{key!r} is not a MoeConfig field; did you mean {candidates[close[0]]}?")
+        unknown.append(key)
+    if unknown:
+        warnings.warn(
+            f"MoeConfig got keys that are not fields of it: {sorted(unknown)}. They are kept as attributes but the "
+            "model does not use them",
+            MoeConfigWarning,
+            stacklevel=4,
+        )
+
+
+def _check_token_id(name: str, value, vocab_size: int) -> None:
+    values = value if isinstance(value, list) and name == "eos_token_id" else [value]
+    for v in values:
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < vocab_size):
+            raise MoeConfigError(f"{name} must be None or a token id in [0, vocab_size={vocab_size}), got {value!r}")
+
+
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -494,4 +649,7 @@ def _check_types_list(name: str, types, allowed: tuple[str, ...], num_layers: in
         raise MoeConfigError(f"{name} entries must be in {allowed}, got {bad}")
 
 
-__all__ = ["TRANSFORMERS_DECODER_FIELDS", "MoeConfig", "MoeConfigError"]
+_BASE_FIELDS = frozenset(f.name for f in dataclasses.fields(PreTrainedConfig))
+_GENERATION_KEYS = frozenset(GenerationConfig._get_default_generation_params())
+
+__all__ = ["FIELD_ALIASES", "TRANSFORMERS_DECODER_FIELDS", "MoeConfig", "MoeConfigError", "MoeConfigWarning"]

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from transformers import AutoConfig, MixtralConfig, MixtralForCausalLM
 
+from .checkpoint import load_pretrained
 from .configuration_moe import TRANSFORMERS_DECODER_FIELDS, MoeConfig
 from .modeling_moe import MoeForCausalLM
 
@@ -111,6 +112,8 @@ def from_mixtral(model_or_dir: MixtralForCausalLM | str | os.PathLike) -> MoeFor
         A `MoeForCausalLM` with the same weights and dtype, which computes the same logits.
     Raises:
         ValueError: the checkpoint is not a Mixtral. FileNotFoundError: the directory does not exist.
+        CheckpointError (a ValueError): the checkpoint's tensors do not match its config (missing,
+            unexpected, wrong shape), a file is unreadable, or it has pickle weights only.
     """
     if isinstance(model_or_dir, (str, os.PathLike)):
         path = Path(model_or_dir)
@@ -119,7 +122,7 @@ def from_mixtral(model_or_dir: MixtralForCausalLM | str | os.PathLike) -> MoeFor
         config = AutoConfig.from_pretrained(model_or_dir)
         if config.model_type != "mixtral":
             raise ValueError(f"from_mixtral needs a checkpoint with model_type 'mixtral', got {config.model_type!r}")
-        model_or_dir = MixtralForCausalLM.from_pretrained(model_or_dir, use_safetensors=True)
+        model_or_dir = load_pretrained(MixtralForCausalLM, model_or_dir)
     if not isinstance(model_or_dir, MixtralForCausalLM):
         raise TypeError(f"from_mixtral takes a MixtralForCausalLM or a path, got {type(model_or_dir).__name__}")
     source = model_or_dir

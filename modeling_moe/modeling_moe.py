@@ -12,6 +12,7 @@ The MoE block reads as its four steps: route -> apply capacity -> experts (sorte
 
 import contextlib
 import inspect
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -129,6 +130,12 @@ class MoeCausalLMOutput(MoeCausalLMOutputWithPast):
 
     router_indices: tuple[torch.Tensor, ...] | None = None
     dropped_tokens: torch.Tensor | None = None
+
+
+class MoeWeightsInitializedWarning(UserWarning):
+    """`from_pretrained` initialised router or expert tensors that the checkpoint lacked or held in another shape:
+    the model routes with random weights. This repository's own loaders refuse such checkpoints instead
+    (`modeling_moe.checkpoint.load_pretrained`)."""
 
 
 class MoeMLP(nn.Module):
@@ -257,7 +264,11 @@ class MoeSparseBlock(nn.Module):
         expert_choice = self.expert_choice and not self.in_generation
         capacity = None
         if capacity_factor is not None or expert_choice:
-            real_tokens = x_TD.shape[0] if token_mask_T is None else int(token_mask_T.sum())
+            # A token whose router input is not finite (NaN / Inf) is routed like padding: it takes no expert
+            # slot and is not counted in the capacity, so it cannot take capacity from other sequences.
+            finite_T = torch.isfinite(x_TD).all(dim=-1)
+            token_mask_T = finite_T if token_mask_T is None else token_mask_T & finite_T
+            real_tokens = int(token_mask_T.sum())
             capacity = expert_capacity(real_tokens, self.top_k, capacity_factor or 1.0, self.num_experts)
         # 1. route
         _, weights_TK, indices_TK, choice_TE, scores_TE = self.router(
@@ -449,6 +460,16 @@ class MoePreTrainedModel(PreTrainedModel):
             )
         return super().get_correct_experts_implementation(requested_experts)
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """transformers' `from_pretrained` (same arguments and result), plus a `MoeWeightsInitializedWarning`
+        naming every tensor of an MoE block (router, experts, shared experts) that was initialised at load
+        because the checkpoint lacked it or held it in another shape."""
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        _warn_initialized_moe_tensors(model, info)
+        return (model, info) if want_info else model
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         """transformers' `save_pretrained`, with every model class of this file in the config's `auto_map`, so
         that a Hub user can load the folder with any of the Auto classes and `trust_remote_code=True`."""
@@ -487,27 +508,49 @@ class MoePreTrainedModel(PreTrainedModel):
             if isinstance(module, MoeRouter):
                 module.update_bias()
 
-    def _count_router_load(self, router_indices, token_mask) -> None:
+    def _count_router_load(self, router_indices, token_mask, router_logits=()) -> None:
         """Add this forward's routed tokens per expert to the `load_counts` of each aux-loss-free router.
 
-        `router_indices` has one entry per MoE block, in layer order. Every router inside a block counts it: a
-        wrapper such as peft's `modules_to_save` holds the original router and its trained copy, and both must
-        take the same bias steps.
+        `router_indices` (and `router_logits`) have one entry per MoE block, in layer order. Every router inside a
+        block counts it: a wrapper such as peft's `modules_to_save` holds the original router and its trained
+        copy, and both must take the same bias steps. Padding and tokens whose router logits are not finite (a
+        NaN / Inf router input) are not counted, so they never move the bias.
         """
         blocks = [m for m in self.modules() if isinstance(m, MoeSparseBlock)]
         if not router_indices:
             return
         with torch.no_grad():
             mask_T = token_mask.reshape(-1).bool() if token_mask is not None else None
-            for block, indices_TK in zip(blocks, router_indices):
+            for i, (block, indices_TK) in enumerate(zip(blocks, router_indices)):
                 routers = [r for r in block.router.modules() if isinstance(r, MoeRouter) and r.load_counts is not None]
                 if not routers:
                     continue
                 E = routers[0].num_experts
-                kept = indices_TK if mask_T is None else indices_TK[mask_T.to(indices_TK.device)]
+                keep_T = mask_T.to(indices_TK.device) if mask_T is not None else None
+                if len(router_logits) == len(router_indices):
+                    finite_T = torch.isfinite(router_logits[i]).all(dim=-1).to(indices_TK.device)
+                    keep_T = finite_T if keep_T is None else keep_T & finite_T
+                kept = indices_TK if keep_T is None else indices_TK[keep_T]
                 counts_E = torch.bincount(kept.reshape(-1), minlength=E + 1)[:E]
                 for router in routers:
                     router.load_counts += counts_E.to(router.load_counts)
+
+
+def _warn_initialized_moe_tensors(model: nn.Module, loading_info: dict) -> None:
+    """Warn (`MoeWeightsInitializedWarning`) about missing or wrong-shape MoE-block tensors of a load."""
+    initialized = set(loading_info.get("missing_keys") or ())
+    initialized |= {key for key, *_ in loading_info.get("mismatched_keys") or ()}
+    blocks = tuple(f"{name}." for name, m in model.named_modules() if isinstance(m, MoeSparseBlock))
+    moe = sorted(key for key in initialized if key.startswith(blocks))
+    if moe:
+        shown = ", ".join(moe[:8]) + (f" and {len(moe) - 8} more" if len(moe) > 8 else "")
+        warnings.warn(
+            f"{type(model).__name__}.from_pretrained initialised {len(moe)} router/expert tensor(s) at random "
+            f"because the checkpoint lacks them or holds another shape: {shown}. The model routes with random "
+            "weights; check the checkpoint (this repository's loaders refuse it)",
+            MoeWeightsInitializedWarning,
+            stacklevel=3,
+        )
 
 
 class MoeModel(MoePreTrainedModel):
@@ -546,6 +589,7 @@ class MoeModel(MoePreTrainedModel):
         cache = _resolve_cache(cache, past_key_values, kwargs)
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        _check_model_inputs(self.config, input_ids, inputs_embeds, attention_mask, position_ids, cache)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         if use_cache and cache is None:
@@ -585,6 +629,76 @@ class MoeModel(MoePreTrainedModel):
             )
         hidden_states = self.norm(hidden_states)
         return MoeModelOutput(last_hidden_state=hidden_states, **{CACHE_NAME: cache})
+
+
+def _check_model_inputs(config, input_ids, inputs_embeds, attention_mask, position_ids, cache) -> None:
+    """Refuse malformed inputs with the argument, its shape and what was expected.
+
+    Shapes are always checked (free, also under torch.compile). Values (token ids inside the vocabulary,
+    positions >= 0) need a host sync, so they are checked in eager mode only, as `losses.linear_cross_entropy`
+    does. Without a cache a 2-D attention mask must cover exactly the input; with one, the cached tokens too.
+    """
+    if input_ids is not None:
+        if input_ids.dim() != 2 or input_ids.is_floating_point() or input_ids.is_complex():
+            raise ValueError(
+                f"input_ids must be integer token ids of shape (batch, sequence), got {input_ids.dtype} of shape "
+                f"{tuple(input_ids.shape)}"
+            )
+        shape = tuple(input_ids.shape)
+    else:
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size:
+            raise ValueError(
+                f"inputs_embeds must have shape (batch, sequence, hidden_size={config.hidden_size}), got "
+                f"{tuple(inputs_embeds.shape)}"
+            )
+        shape = tuple(inputs_embeds.shape[:2])
+    B, S = shape
+    if B == 0 or S == 0:
+        name = "input_ids" if input_ids is not None else "inputs_embeds"
+        raise ValueError(f"{name} is empty (batch, sequence) = {shape}; pass at least one sequence of one token")
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+        mask_shape = tuple(attention_mask.shape)
+        if cache is None and mask_shape != shape:
+            raise ValueError(f"attention_mask has shape {mask_shape}; without a cache it must match the input {shape}")
+        if mask_shape[0] != B or mask_shape[1] < S:
+            raise ValueError(f"attention_mask has shape {mask_shape}; expected (batch={B}, cached + new tokens >= {S})")
+    if position_ids is not None and (
+        position_ids.dim() != 2 or position_ids.shape[0] not in (1, B) or position_ids.shape[1] != S
+    ):
+        raise ValueError(f"position_ids has shape {tuple(position_ids.shape)}; expected (1 or batch={B}, {S})")
+    if torch.compiler.is_compiling():
+        return
+    if input_ids is not None:
+        low, high = (int(v) for v in torch.aminmax(input_ids))
+        if low < 0 or high >= config.vocab_size:
+            raise ValueError(
+                f"input_ids (shape {shape}) must be token ids in [0, vocab_size={config.vocab_size}), got values "
+                f"from {low} to {high}"
+            )
+    if position_ids is not None and bool((position_ids < 0).any()):
+        raise ValueError(f"position_ids (shape {tuple(position_ids.shape)}) must be >= 0")
+
+
+def _check_labels(labels, input_shape: tuple[int, ...], vocab_size: int, ignore_index: int) -> None:
+    """Labels must have the input's (batch, sequence) shape and hold ids in [0, vocab_size) or `ignore_index`
+    (values checked in eager mode only)."""
+    if tuple(labels.shape) != input_shape:
+        raise ValueError(f"labels has shape {tuple(labels.shape)}; expected (batch, sequence) = {input_shape}")
+    if torch.compiler.is_compiling():
+        return
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
+    if bool(bad.any()):
+        raise ValueError(
+            f"labels (shape {input_shape}) must be token ids in [0, vocab_size={vocab_size}) or {ignore_index} "
+            f"(ignored), got {labels[bad][:5].tolist()}"
+        )
+
+
+def _loss_tokens(labels, shift_labels, ignore_index: int) -> torch.Tensor:
+    """How many positions the causal-LM loss averages over (0-d int64), at least 1: with every label ignored
+    the loss is then 0 with zero gradient, where a plain mean would be 0 / 0 = NaN."""
+    targets = shift_labels if shift_labels is not None else labels[..., 1:]
+    return (targets != ignore_index).sum().clamp(min=1)
 
 
 def _token_mask_for_losses(attention_mask, seq_len: int) -> torch.Tensor | None:
@@ -661,6 +775,9 @@ class MoeForCausalLM(MoePreTrainedModel, GenerationMixin):
     ) -> MoeCausalLMOutput:
         """Args: input_ids (B, S); attention_mask (B, S) or (B, S_past + S); labels (B, S), -100 = ignored;
         cache: the KV cache (`past_key_values`, its name before transformers 5.24, is accepted too).
+        Malformed inputs (ids outside the vocabulary, an empty sequence, labels, mask or positions of another
+        shape) raise a ValueError naming the argument and its shape. The LM loss is the mean over the positions
+        whose next-token label is not ignored; when every label is ignored it is 0, with zero gradient.
 
         Returns `MoeCausalLMOutput` (a `MoeCausalLMOutputWithPast`): logits (B, S or logits_to_keep, vocab;
         None in training with labels when `config.lm_loss_chunk_size` is set), loss, aux_loss (always), cache;
@@ -686,6 +803,11 @@ class MoeForCausalLM(MoePreTrainedModel, GenerationMixin):
         )
         hidden_states = outputs.last_hidden_state
         loss = aux_loss = logits = None
+        if labels is not None:
+            ignore_index = kwargs.get("ignore_index", -100)
+            _check_labels(labels, tuple(hidden_states.shape[:2]), self.vocab_size, ignore_index)
+            if kwargs.get("num_items_in_batch") is None:  # all labels ignored: loss 0, gradient 0 (not NaN)
+                kwargs["num_items_in_batch"] = _loss_tokens(labels, kwargs.get("shift_labels"), ignore_index)
         if labels is not None and self._chunked_lm_loss_applies(logits_to_keep):
             loss = self._chunked_lm_loss(hidden_states, labels, **kwargs)  # no (B, S, V) logits at all
         else:
@@ -698,7 +820,7 @@ class MoeForCausalLM(MoePreTrainedModel, GenerationMixin):
         if record:
             token_mask = _token_mask_for_losses(attention_mask, hidden_states.shape[1])
             if self.training:
-                self._count_router_load(outputs.router_indices, token_mask)
+                self._count_router_load(outputs.router_indices, token_mask, router_logits)
             router_losses = self.router_losses(router_logits, token_mask)
             aux_loss = router_losses["aux"].to(hidden_states.device)
             if loss is not None:
@@ -826,5 +948,6 @@ __all__ = [
     "MoeModel",
     "MoePreTrainedModel",
     "MoeSparseBlock",
+    "MoeWeightsInitializedWarning",
     "SoftMoeBlock",
 ]

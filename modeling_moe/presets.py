@@ -25,14 +25,18 @@ def load_preset(name_or_path: str | Path, **overrides) -> MoeConfig:
         The validated `MoeConfig`.
     Raises:
         FileNotFoundError: unknown preset name or missing file (the message lists the known presets).
-        ValueError: the JSON is not an object, or a field is invalid (`MoeConfigError`).
+        ValueError: the file is not JSON or not a JSON object (the message names the file), or a field is invalid
+            or misspelt (`MoeConfigError`).
     """
     path = Path(name_or_path)
     if not path.suffix == ".json":
         path = PRESET_DIR / f"{name_or_path}.json"
     if not path.is_file():
         raise FileNotFoundError(f"no preset or config file {str(name_or_path)!r}; known presets: {preset_names()}")
-    values = json.loads(path.read_text())
+    try:
+        values = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
     if not isinstance(values, dict):
         raise ValueError(f"{path} must hold a JSON object of MoeConfig fields, got {type(values).__name__}")
     values.pop("model_type", None)

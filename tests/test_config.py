@@ -65,7 +65,6 @@ def test_head_dim_may_be_given_when_heads_do_not_divide_hidden():
         (dict(num_hidden_layers=6, moe_layer_frequency=3), [2, 5]),
         (dict(num_hidden_layers=4, moe_layer_frequency=2, moe_layers=[0, 2]), [0, 2]),
         (dict(num_hidden_layers=3, mlp_layer_types=["dense", "sparse", "sparse"]), [1, 2]),
-        (dict(num_hidden_layers=3, moe_layers=[]), []),
     ],
 )
 def test_moe_layer_resolution_fills_the_standard_field(overrides, expected):

@@ -42,6 +42,7 @@ from transformers import AutoTokenizer, default_data_collator, set_seed
 
 from modeling_moe import MoeConfig, MoeForCausalLM
 from modeling_moe.balancing import RouterBiasUpdateCallback
+from modeling_moe.checkpoint import check_checkpoint_folder, load_pretrained
 from modeling_moe.cli import CliParser, UsageError, check_output_dir, run_cli
 from modeling_moe.hub import atomic_directory, atomic_write_text, check_disjoint, model_card, save_hub_ready
 from training.checkpoints import remove_staging
@@ -216,6 +217,7 @@ def validate_lora_arguments(lora_args: LoraArguments, args: LoraTrainingArgument
         value = getattr(lora_args, name)
         if value is not None and value < 1:
             raise TrainArgumentError(f"--{name} must be >= 1, got {value}")
+    check_checkpoint_folder(path)  # before any data work: routing fields, safetensors only, readable shards
     config = MoeConfig.from_pretrained(str(path))
     if lora_args.lora_r < 1:
         raise TrainArgumentError(f"--lora_r must be an integer >= 1, got {lora_args.lora_r}")
@@ -296,7 +298,7 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(lora_args.tokenizer_name_or_path or lora_args.model_name_or_path)
     with args.main_process_first(desc="tokenising and packing"):
         blocks = load_lm_datasets(data_args, tokenizer, config.max_position_embeddings)
-    model = MoeForCausalLM.from_pretrained(lora_args.model_name_or_path)
+    model = load_pretrained(MoeForCausalLM, lora_args.model_name_or_path)
     modules, parameters = requested_targets(lora_args, model)
     targets = resolve_lora_targets(model, modules, parameters, allow_routers=lora_args.lora_routers)
     peft_config = lora_config(

@@ -3,7 +3,9 @@
 Run as a script (`python -I training/fresh_load.py MODEL_DIR "prompt"`): it makes `import modeling_moe` fail,
 loads the folder with `AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)`, generates greedily
 and prints one JSON line: the class and module that were loaded, the generated text and the prompt's logits
-checksum. It imports only torch and transformers.
+checksum. It imports only torch and transformers. The load is strict, like every loader of this repository
+(`modeling_moe.checkpoint`, which this script cannot import): safetensors only, and a checkpoint with missing,
+unexpected or wrong-shape tensors is refused (exit status 1, the tensors named) instead of run.
 """
 
 from __future__ import annotations
@@ -17,8 +19,14 @@ def main(model_dir: str, prompt: str, max_new_tokens: int = 24) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    model, info = AutoModelForCausalLM.from_pretrained(
+        model_dir, trust_remote_code=True, use_safetensors=True, output_loading_info=True, ignore_mismatched_sizes=True
+    )
+    problems = {kind: sorted(map(str, info[kind])) for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if any(problems.values()):
+        sys.exit(f"fresh_load: {model_dir} does not match its config: { {k: v for k, v in problems.items() if v} }")
+    model.eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True).eval()
     ids = tokenizer(prompt, return_tensors="pt")
     with torch.no_grad():
         logits = model(**ids).logits

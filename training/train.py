@@ -63,6 +63,7 @@ from transformers.utils.hub import hf_api
 
 from modeling_moe import MoeConfig, MoeForCausalLM, load_preset
 from modeling_moe.balancing import RouterBiasUpdateCallback
+from modeling_moe.checkpoint import check_routing_fields, load_pretrained
 from modeling_moe.cli import CliParser, UsageError, check_output_dir, run_cli
 from modeling_moe.hub import atomic_directory, atomic_write_text, model_card, save_hub_ready
 from training.checkpoints import AtomicCheckpointMixin, incomplete_reason, last_complete_checkpoint, remove_staging
@@ -371,6 +372,9 @@ def load_config(model_args: ModelArguments) -> MoeConfig:
     if model_args.preset:
         return load_preset(model_args.preset, **overrides)
     path = Path(model_args.config or model_args.model_name_or_path)
+    config_file = path / "config.json" if path.is_dir() else path
+    if config_file.is_file():
+        check_routing_fields(json.loads(config_file.read_text()), config_file)
     config = MoeConfig.from_pretrained(str(path), **overrides)
     if not isinstance(config, MoeConfig):
         raise TrainArgumentError(f"{path} is not a modeling_moe config (model_type {config.model_type!r})")
@@ -409,7 +413,7 @@ def build_model(model_args: ModelArguments, config: MoeConfig, tokenizer) -> Moe
         )
     if model_args.model_name_or_path:
         overrides = parse_config_overrides(model_args.config_overrides)
-        return MoeForCausalLM.from_pretrained(model_args.model_name_or_path, **overrides)
+        return load_pretrained(MoeForCausalLM, model_args.model_name_or_path, **overrides)
     for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
         value = getattr(tokenizer, name)
         if value is not None:

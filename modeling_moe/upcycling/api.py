@@ -9,6 +9,7 @@ from pathlib import Path
 
 from transformers import PreTrainedModel
 
+from ..checkpoint import load_pretrained
 from ..hub import atomic_directory, check_disjoint
 from ..modeling_moe import MoeForCausalLM
 from .checkpoint import open_dense
@@ -158,10 +159,10 @@ def upcycle(
     )
     if out_dir is not None:
         folder = upcycle_to_folder(dense_model_or_dir, out_dir, overwrite=overwrite, **kwargs)
-        return MoeForCausalLM.from_pretrained(folder).eval()
+        return load_pretrained(MoeForCausalLM, folder).eval()
     with tempfile.TemporaryDirectory(prefix="upcycle-") as tmp:
         folder = upcycle_to_folder(dense_model_or_dir, Path(tmp) / "moe", **kwargs)
-        model = MoeForCausalLM.from_pretrained(folder).eval()
+        model = load_pretrained(MoeForCausalLM, folder).eval()
         for t in [*model.parameters(), *model.buffers()]:  # own the memory: the folder is deleted on return
             t.data = t.data.clone()
         return model

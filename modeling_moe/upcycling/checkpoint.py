@@ -20,6 +20,7 @@ from torch import nn
 from transformers import AutoConfig, PreTrainedModel
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
+from ..checkpoint import CheckpointError, check_finite, safetensors_files
 from .families import dense_family
 from .options import UpcyclingError
 
@@ -72,6 +73,14 @@ class StateDictSource:
         return {n: self.state[n].cpu() for n in names}
 
 
+def _readable_safetensors(folder: Path) -> dict[str, Path]:
+    """`modeling_moe.checkpoint.safetensors_files`: unreadable (truncated, corrupt) shards named, as by every loader."""
+    try:
+        return safetensors_files(folder)
+    except CheckpointError as err:
+        raise UpcyclingError(str(err)) from err
+
+
 class SafetensorsSource:
     """Dense tensors from a folder of safetensors shards, read on demand with `safe_open`, one file open at a time.
 
@@ -86,8 +95,7 @@ class SafetensorsSource:
         if index.is_file():
             self.weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
         elif (folder / SAFE_WEIGHTS_NAME).is_file():
-            with safe_open(folder / SAFE_WEIGHTS_NAME, framework="pt") as f:
-                self.weight_map = dict.fromkeys(f.keys(), SAFE_WEIGHTS_NAME)
+            self.weight_map = dict.fromkeys(_readable_safetensors(folder), SAFE_WEIGHTS_NAME)
         elif any(folder.glob("*.bin")) or any(folder.glob("*.pt")) or any(folder.glob("*.pth")):
             raise UpcyclingError(
                 f"{folder} has only pickle weights (.bin/.pt); upcycling reads safetensors only (never pickle). "
@@ -99,6 +107,7 @@ class SafetensorsSource:
         missing = [s for s in shards if not (folder / s).is_file()]
         if missing:
             raise FileNotFoundError(f"missing shard(s) {missing} of {folder / SAFE_WEIGHTS_INDEX_NAME}")
+        _readable_safetensors(folder)
         self._shapes: dict[str, tuple[int, ...]] = {}
         for shard in shards:
             with safe_open(folder / shard, framework="pt") as f:
@@ -120,8 +129,12 @@ class SafetensorsSource:
         out = {}
         for shard, keys in by_shard.items():
             with safe_open(self.folder / shard, framework="pt") as f:
-                for k in keys:
-                    out[k] = f.get_tensor(k)
+                tensors = {k: f.get_tensor(k) for k in keys}
+            try:  # NaN / Inf would be copied into every expert
+                check_finite(tensors, self.folder / shard)
+            except CheckpointError as err:
+                raise UpcyclingError(str(err)) from err
+            out.update(tensors)
         return out
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from ..checkpoint import load_pretrained
 from .clustering import spherical_kmeans
 from .options import UpcycleOptions, UpcyclingError, layer_generator
 
@@ -155,11 +156,7 @@ def hidden_routers(
     if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = AutoTokenizer.from_pretrained(tokenizer)
     batches = calibration_batches(texts, tokenizer, options.calibration_max_tokens)
-    model = (
-        dense
-        if isinstance(dense, PreTrainedModel)
-        else AutoModelForCausalLM.from_pretrained(dense, use_safetensors=True)
-    )
+    model = dense if isinstance(dense, PreTrainedModel) else load_pretrained(AutoModelForCausalLM, dense)
     inputs = collect_mlp_inputs(model, batches, options.moe_layers)
     del model
     return {
