@@ -372,9 +372,8 @@ def load_config(model_args: ModelArguments) -> MoeConfig:
     if model_args.preset:
         return load_preset(model_args.preset, **overrides)
     path = Path(model_args.config or model_args.model_name_or_path)
-    config_file = path / "config.json" if path.is_dir() else path
-    if config_file.is_file():
-        check_routing_fields(json.loads(config_file.read_text()), config_file)
+    if not model_args.config and (path / "config.json").is_file():  # a saved model: its routing must be explicit
+        check_routing_fields(json.loads((path / "config.json").read_text()), path / "config.json")
     config = MoeConfig.from_pretrained(str(path), **overrides)
     if not isinstance(config, MoeConfig):
         raise TrainArgumentError(f"{path} is not a modeling_moe config (model_type {config.model_type!r})")
