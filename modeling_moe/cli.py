@@ -28,6 +28,7 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
+from .checkpoint import CheckpointError
 from .configuration_moe import MoeConfigError
 from .hub import UnsafeOutputError
 
@@ -42,6 +43,7 @@ class UsageError(ValueError):
 USER_ERRORS: tuple[type[BaseException], ...] = (
     UsageError,
     MoeConfigError,
+    CheckpointError,  # a broken checkpoint (missing / unexpected / wrong-shape tensors, unreadable shard, ...)
     UnsafeOutputError,
     FileNotFoundError,
     FileExistsError,
