@@ -264,6 +264,32 @@ class MoeConfig(PreTrainedConfig):
     model_type = "moe_lm"
     keys_to_ignore_at_inference = ["cache", "past_key_values"]  # the KV cache, named `cache` from transformers 5.24
     attribute_map = {"num_experts": "num_local_experts"}
+    # Sharding plans for transformers' engines (`from_pretrained(..., distributed_config=DistributedConfig(...))`),
+    # Mixtral's / Qwen3-MoE's rules plus the dense-layer MLPs, the shared experts and the expert biases. The model
+    # keeps the rules that name something in it and handles what the styles do not (`parallel.py`).
+    base_model_tp_plan = {
+        "layers.*.self_attn.q_proj": "colwise",
+        "layers.*.self_attn.k_proj": "colwise",
+        "layers.*.self_attn.v_proj": "colwise",
+        "layers.*.self_attn.o_proj": "rowwise",
+        "layers.*.mlp.experts.gate_up_proj": "packed_colwise",
+        "layers.*.mlp.experts.gate_up_proj_bias": "packed_rowwise",  # (E, 2I): gate and up halves split alike
+        "layers.*.mlp.experts.down_proj": "rowwise",
+        "layers.*.mlp.experts": "moe_tp_experts",  # "moe_lm_tp_experts" with expert biases (parallel.py)
+        "layers.*.mlp.gate_proj": "colwise",
+        "layers.*.mlp.up_proj": "colwise",
+        "layers.*.mlp.down_proj": "rowwise",
+        "layers.*.mlp.shared_expert.gate_proj": "colwise",
+        "layers.*.mlp.shared_expert.up_proj": "colwise",
+        "layers.*.mlp.shared_expert.down_proj": "rowwise",
+    }
+    base_model_ep_plan = {
+        "layers.*.mlp.experts.gate_up_proj": "grouped_gemm",
+        "layers.*.mlp.experts.gate_up_proj_bias": "grouped_gemm",
+        "layers.*.mlp.experts.down_proj": "grouped_gemm",
+        "layers.*.mlp.experts.down_proj_bias": "grouped_gemm",
+        "layers.*.mlp.experts": "ep_dispatch_experts",
+    }
     base_model_pp_plan = {
         "embed_tokens": (["input_ids"], ["inputs_embeds"]),
         "layers": (["hidden_states", "attention_mask"], ["hidden_states"]),

@@ -112,6 +112,11 @@ def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Ite
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _replace(tmp, out)
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Move the finished folder `tmp` to `out`, replacing what is there."""
     backup = None
     if out.exists():
         backup = out.with_name(f".{out.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
@@ -223,15 +228,48 @@ def save_hub_ready(
     Writes safetensors shards, `config.json` with `auto_map`, the modeling files, `generation_config.json`,
     the tokenizer (when given) and README.md (the given card, or `model_card(model, folder name)`), atomically.
 
+    A model sharded by transformers' engines (`from_pretrained(..., distributed_config=...)`) is saved by every
+    rank together (the shards are gathered into full tensors); call this on every rank then. The folder is the
+    same as a single process writes.
+
     Returns:
         The path of the finished folder.
     """
     out = Path(out_dir)
+    if getattr(model, "is_distributed_loading_by_transformers", False):
+        return _save_sharded_hub_ready(model, out, tokenizer, card, overwrite, max_shard_size)
     with atomic_directory(out, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / "README.md").write_text(card if card is not None else model_card(model, out.name))
+    return out
+
+
+def _save_sharded_hub_ready(model, out: Path, tokenizer, card, overwrite, max_shard_size) -> Path:
+    """`save_hub_ready` on every rank of a sharded model: all ranks gather into one temporary folder (its name
+    is the same on every rank), rank 0 finishes and moves it."""
+    import torch.distributed as dist
+
+    rank0 = dist.get_rank() == 0
+    name = [f".{out.name}.tmp-{os.getpid()}-sharded"]  # rank 0's pid: `recover_interrupted` knows the pattern
+    dist.broadcast_object_list(name)
+    tmp = out.with_name(name[0])
+    if rank0:
+        recover_interrupted(out)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+            raise FileExistsError(f"output folder {out} exists and is not empty; pass overwrite=True to replace it")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+    text = card if card is not None else model_card(model, out.name)  # parameter counts: every rank (DTensors)
+    if rank0:
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / "README.md").write_text(text)
+        _replace(tmp, out)
+    dist.barrier()
     return out
 
 

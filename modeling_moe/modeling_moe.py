@@ -12,6 +12,9 @@ The MoE block reads as its four steps: route -> apply capacity -> experts (sorte
 
 import contextlib
 import inspect
+import os
+import shutil
+import sys
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -22,6 +25,7 @@ from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.dynamic_module_utils import get_relative_import_files
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer
@@ -47,6 +51,7 @@ from .losses import (
     load_balancing_loss_per_layer,
     router_z_loss,
 )
+from .parallel import check_distributed_config, prune_plan, remap_dropped_for_ep, tp_experts_style, wildcard_names
 from .quantized_experts import QuantizedMoeExperts
 from .routing import (
     MoeDispatcher,
@@ -472,9 +477,49 @@ class MoePreTrainedModel(PreTrainedModel):
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """transformers' `save_pretrained`, with every model class of this file in the config's `auto_map`, so
-        that a Hub user can load the folder with any of the Auto classes and `trust_remote_code=True`."""
+        that a Hub user can load the folder with any of the Auto classes and `trust_remote_code=True`.
+
+        A model sharded by FSDP2 (`fully_shard`, also through `DistributedConfig(fsdp_size=...)`) has a class that
+        torch generated (`FSDPMoeForCausalLM`, defined in torch's files): transformers would copy torch's files as
+        the modeling code and name that class in `auto_map`. Here the files of this model's own class are written
+        instead, so a sharded save (call it on every rank) gives the same folder as a single process."""
         self.config.auto_map = {**HUB_AUTO_MAP, **(getattr(self.config, "auto_map", None) or {})}
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        own_class = next(c for c in type(self).__mro__ if c.__module__ == __name__)
+        if own_class is type(self) or own_class._auto_class is None:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        sharded_class = type(self)
+        sharded_class._auto_class = None  # shadows the inherited one: transformers then copies no files itself
+        try:
+            result = super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            del sharded_class._auto_class
+        if self.should_save_on_this_rank(kwargs.get("is_main_process", True)):
+            _copy_modeling_files(own_class, save_directory)
+        return result
+
+    def init_parallel_plans(self) -> None:
+        """transformers' plans, keeping only the rules that name something in this model (dense-layer, shared-
+        expert and expert-bias rules exist only in some configs) and, with expert biases, the experts' TP style
+        that adds the down-projection bias once (`parallel.py`)."""
+        super().init_parallel_plans()
+        names = wildcard_names(self)
+        self._tp_plan = tp_experts_style(prune_plan(self._tp_plan, names), self.config.mlp_bias)
+        self._ep_plan = prune_plan(self._ep_plan, names)
+        self._fsdp_plan = prune_plan(self._fsdp_plan, names)
+
+    @classmethod
+    def maybe_distribute_model(cls, model, distributed_config, mesh_manager):
+        """transformers' sharding, after refusing what it cannot run exactly (`parallel.check_distributed_config`);
+        under expert parallelism, dropped assignments are kept out of the token exchange (`remap_dropped_for_ep`)."""
+        if mesh_manager is not None:
+            check_distributed_config(model.config, distributed_config)
+        model = super().maybe_distribute_model(model, distributed_config, mesh_manager)
+        if mesh_manager is not None and distributed_config.ep_size > 1:
+            ep_rank = mesh_manager.get_mesh("ep").get_local_rank()
+            for module in model.modules():
+                if isinstance(module, MoeExperts) and getattr(module, "_is_expert_parallel", False):
+                    remap_dropped_for_ep(module, model.config.num_local_experts, ep_rank)
+        return model
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -551,6 +596,14 @@ def _warn_initialized_moe_tensors(model: nn.Module, loading_info: dict) -> None:
             MoeWeightsInitializedWarning,
             stacklevel=3,
         )
+
+
+def _copy_modeling_files(model_class: type, folder) -> None:
+    """Copy the file defining `model_class` and the files it imports (flat relative imports) into `folder`, as
+    transformers' `custom_object_save` does for a model's own class."""
+    source = sys.modules[model_class.__module__].__file__
+    for path in (source, *get_relative_import_files(source)):
+        shutil.copyfile(path, os.path.join(folder, os.path.basename(path)))
 
 
 class MoeModel(MoePreTrainedModel):
@@ -724,6 +777,7 @@ class MoeForCausalLM(MoePreTrainedModel, GenerationMixin):
     accepts_loss_kwargs = False
     _tp_plan = {"lm_head": "colwise_gather_output"}
     _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
+    _fsdp_plan = {"lm_head": "keep_full_weight"}
 
     def __init__(self, config: MoeConfig) -> None:
         super().__init__(config)

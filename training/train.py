@@ -75,6 +75,7 @@ from training.data import (
     text_iterator,
     tokenize_and_pack,
 )
+from training.distributed import DistributedArguments, is_sharded, prepare_model
 from training.monitor import RouterMonitorCallback
 from training.tokenizer import train_byte_level_bpe
 
@@ -187,7 +188,7 @@ def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
 # ------------------------------------------------------------------ argument parsing
 def make_parser() -> CliParser:
     """The parser of `python -m training.train`: model, data and training argument dataclasses."""
-    return CliParser((ModelArguments, DataArguments, MoeTrainingArguments), prog=PROG)
+    return CliParser((ModelArguments, DataArguments, MoeTrainingArguments, DistributedArguments), prog=PROG)
 
 
 def parse_arguments(parser: CliParser, argv: list[str] | None) -> tuple:
@@ -491,7 +492,7 @@ def push_folder_to_hub(folder: Path, args: TrainingArguments) -> str:
 def main(argv: list[str] | None = None) -> dict:
     """Run `python -m training.train` with `argv`; returns the results (losses, perplexity, paths, log history)."""
     logging.basicConfig(format="%(name)s: %(message)s", level=logging.INFO)
-    model_args, data_args, args = parse_arguments(make_parser(), argv)
+    model_args, data_args, args, dist_args = parse_arguments(make_parser(), argv)
     validate_arguments(model_args, data_args, args)
     push, args.push_to_hub = args.push_to_hub, False  # we push the Hub-ready folder ourselves, at the end
     config = load_config(model_args)
@@ -510,7 +511,7 @@ def main(argv: list[str] | None = None) -> dict:
             data_args.max_train_samples,
             data_args.max_eval_samples,
         )
-    model = build_model(model_args, config, tokenizer)
+    model = prepare_model(build_model(model_args, config, tokenizer), dist_args, args)  # --tp/ep/fsdp_size
     logger.info("%s", balancing)
     logger.info(
         "train blocks %d, eval blocks %d, processes %d",
@@ -540,11 +541,12 @@ def main(argv: list[str] | None = None) -> dict:
         "log_history": trainer.state.log_history,
         "final_model_dir": None,
     }
-    if trainer.is_world_process_zero():
-        final_dir = final_model_dir(model_args, args)
+    final_dir = final_model_dir(model_args, args)
+    if is_sharded(model) or trainer.is_world_process_zero():  # a sharded model is saved by every rank together
         name = model_args.model_card_name or final_dir.parent.name
         card = training_card(model, name, model_args.model_name_or_path, data_args, results)
         save_hub_ready(model, final_dir, tokenizer=tokenizer, card=card, overwrite=model_args.overwrite_final_model)
+    if trainer.is_world_process_zero():
         results["final_model_dir"] = str(final_dir)
         summary = {k: v for k, v in results.items() if k != "log_history"}
         atomic_write_text(Path(args.output_dir) / "train_results.json", json.dumps(summary, indent=1))
