@@ -137,11 +137,20 @@ def from_mixtral(model_or_dir: MixtralForCausalLM | str | os.PathLike) -> MoeFor
 def to_mixtral(model: MoeForCausalLM) -> MixtralForCausalLM:
     """Convert a Mixtral-expressible `MoeForCausalLM` into transformers' `MixtralForCausalLM` (same weights).
 
+    Serving engines that run Mixtral (vLLM, SGLang, TGI) get this; what they cannot run is refused here with the
+    option named: capacity drops, expert choice and the other routers, dense layers, shared experts, biases.
+
     Raises:
-        ValueError: the config uses an option Mixtral cannot express (see `moe_config_to_mixtral`).
+        ValueError: the config uses an option Mixtral cannot express (see `moe_config_to_mixtral`), or the model is
+            sharded (`from_pretrained(..., distributed_config=...)`).
     """
     if not isinstance(model, MoeForCausalLM):
         raise TypeError(f"to_mixtral takes a MoeForCausalLM, got {type(model).__name__}")
+    if model.is_distributed_loading_by_transformers:
+        raise ValueError(
+            "to_mixtral takes an unsharded model; this one was sharded by from_pretrained(distributed_config=...). "
+            "Save it (save_pretrained on every rank writes full tensors) and convert the folder loaded on one process"
+        )
     config = moe_config_to_mixtral(model.config)
     dtype = next(model.parameters()).dtype
     target = MixtralForCausalLM(config).to(dtype)

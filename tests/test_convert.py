@@ -95,6 +95,8 @@ def test_round_trip_is_exact():
         (dict(moe_layers=[1]), "moe_layers"),
         (dict(router_type="switch", num_experts_per_tok=1), "router_type"),
         (dict(capacity_factor_eval=2.0), "capacity_factor_eval"),
+        (dict(capacity_factor_train=1.0), "capacity_factor_train"),
+        (dict(router_type="expert_choice"), "router_type='expert_choice'"),
         (dict(qkv_bias=True), "qkv_bias"),
         (dict(norm_topk_prob=False), "norm_topk_prob"),
         (dict(routed_scaling_factor=2.0), "routed_scaling_factor"),
@@ -106,3 +108,10 @@ def test_round_trip_is_exact():
 def test_to_mixtral_refuses_what_mixtral_cannot_express(overrides, field):
     with pytest.raises(ValueError, match=field):
         to_mixtral(MoeForCausalLM(tiny_config(**overrides)))
+
+
+def test_to_mixtral_refuses_a_sharded_model():
+    model = MoeForCausalLM(tiny_config())
+    model._is_distributed_loading_by_transformers = True  # what from_pretrained(distributed_config=...) sets
+    with pytest.raises(ValueError, match="to_mixtral takes an unsharded model"):
+        to_mixtral(model)

@@ -25,8 +25,8 @@ from tests.training_helpers import free_port
 
 TOL = 1e-5
 CONFIGS = {
-    # Mixtral-like: every layer MoE, dropless, no biases
-    "plain": dict(),
+    # Mixtral-like: every layer MoE, dropless, no biases; aux-loss-free router bias updates
+    "plain": dict(router_bias_update_rate=0.01),
     # dense layer 0, shared expert with gate, expert and attention biases, capacity factor 0.5 (drops) in both modes
     "full": dict(
         moe_layers=[1],
@@ -133,6 +133,11 @@ def _run_case(rank, folder, config_name, engine, save_dir):
             continue
         grads = max(grads, (_full(q.grad) - p.grad).abs().max().item())
     out["grads"], out["missing_grads"] = grads, missing
+    if ref.config.router_bias_update_rate:  # both sum the load over the ranks: the same step everywhere
+        ref.update_router_biases()
+        model.update_router_biases()
+        bias, ref_bias = (m.model.layers[1].mlp.router.e_score_correction_bias for m in (model, ref))
+        out["router_bias"], out["router_bias_ref"] = bias.tolist(), ref_bias.tolist()
     experts = model.model.layers[1].mlp.experts
     full = ref.model.layers[1].mlp.experts.gate_up_proj.detach()
     out["experts_split"] = _expert_slice_ok(engine, rank, _local(experts.gate_up_proj).detach(), full)
@@ -201,6 +206,9 @@ def test_sharded_model_matches_one_process(launch, config_name, engine):
         assert r["loss"] < TOL and r["grads"] < TOL, (rank, r["loss"], r["grads"])
         assert not r["missing_grads"], r["missing_grads"]
         assert r["experts_split"], f"rank {rank} does not hold exactly its slice of the experts"
+        if "router_bias" in r:
+            assert r["router_bias"] == r["router_bias_ref"] == ranks[0][f"{config_name}-{engine}"]["router_bias"]
+            assert any(r["router_bias"]), "the bias must have moved"
         if CONFIGS[config_name].get("capacity_factor_eval"):
             assert r["drops"][0][0] > 0 and r["train_drops"][0] > 0, "the capacity factor must drop something"
 

@@ -1,6 +1,7 @@
 """Scale-out options of the training CLIs: transformers' tensor / expert / fully-sharded parallelism, and
-DeepSpeed ZeRO-3's MoE leaf modules. The CLIs add `DistributedArguments` to their parser and call
-`prepare_model` once; everything else (sharding, gradient reduction, saving full tensors) is transformers'.
+DeepSpeed ZeRO-3's MoE leaf modules. The CLIs add `DistributedArguments` to their parser and call `prepare_model`
+(`prepare_lora_model` for LoRA) once; everything else (sharding, gradient reduction, saving full tensors) is
+transformers'.
 
     torchrun --nproc_per_node 2 -m training.train ... --ep_size 2 --fsdp_size 2   # experts split, dense FSDP
     torchrun --nproc_per_node 2 -m training.train ... --tp_size 2                 # tensor parallel
@@ -12,6 +13,7 @@ and ep_size divides that (each expert lives on one of ep_size ranks, FSDP-sharde
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -20,9 +22,13 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel
 
+from modeling_moe.cli import UsageError
 
-class DistributedArgumentError(ValueError):
-    """A scale-out argument is invalid; the message names it and what is allowed."""
+logger = logging.getLogger("training.distributed")
+
+
+class DistributedArgumentError(UsageError):
+    """A scale-out argument is invalid; the message names it and what is allowed (a user error: one line)."""
 
 
 @dataclass
@@ -118,6 +124,7 @@ def set_deepspeed_moe_leaves(model: torch.nn.Module, training_args) -> int:
 
     classes = sorted({type(m) for m in model.modules() if type(m).__name__ == "MoeSparseBlock"}, key=str)
     set_z3_leaf_modules(model, classes)
+    logger.info("DeepSpeed ZeRO-3: %s are leaf modules (experts gathered per block)", [c.__name__ for c in classes])
     return len(classes)
 
 
@@ -132,6 +139,20 @@ def prepare_model(model: PreTrainedModel, dist_args: DistributedArguments, train
     return model
 
 
+def prepare_lora_model(model: PreTrainedModel, dist_args: DistributedArguments, training_args) -> PreTrainedModel:
+    """The one call of `training.finetune_lora`: DDP (torchrun) and DeepSpeed ZeRO-3 (MoE blocks as leaves) work;
+    transformers' load-time sharding is refused, because peft adds the adapters after loading: FSDP2 / TP / EP
+    would leave them unsharded, and their gradients would not be reduced over the ranks (the ranks diverge)."""
+    if distributed_config(dist_args, training_args) is not None:
+        raise DistributedArgumentError(
+            "--tp_size / --ep_size / --fsdp_size are not available for LoRA fine-tuning: transformers shards the model "
+            "when it loads, before peft adds the adapters, so the adapters would be neither sharded nor reduced over "
+            "the ranks. Launch with torchrun (DDP: the frozen base is replicated) or --deepspeed (ZeRO-3)"
+        )
+    set_deepspeed_moe_leaves(model, training_args)
+    return model
+
+
 def is_sharded(model: torch.nn.Module) -> bool:
     """Whether `model` was sharded by transformers' engines (saving it is then a collective on every rank)."""
     return bool(getattr(model, "is_distributed_loading_by_transformers", False))
@@ -142,6 +163,7 @@ __all__ = [
     "DistributedArguments",
     "distributed_config",
     "is_sharded",
+    "prepare_lora_model",
     "prepare_model",
     "set_deepspeed_moe_leaves",
 ]

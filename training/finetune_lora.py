@@ -47,6 +47,7 @@ from modeling_moe.cli import CliParser, UsageError, check_output_dir, run_cli
 from modeling_moe.hub import atomic_directory, atomic_write_text, check_disjoint, model_card, save_hub_ready
 from training.checkpoints import remove_staging
 from training.data import DataArguments, DataError, load_lm_datasets
+from training.distributed import DistributedArguments, prepare_lora_model
 from training.lora import (
     EXPERT_PARAMETERS,
     ExpertSliceFreezer,
@@ -193,7 +194,7 @@ class LoraMoeTrainer(MoeTrainer):
 # ------------------------------------------------------------------ arguments
 def make_parser() -> CliParser:
     """The parser of `python -m training.finetune_lora`."""
-    return CliParser((LoraArguments, DataArguments, LoraTrainingArguments), prog=PROG)
+    return CliParser((LoraArguments, DataArguments, LoraTrainingArguments, DistributedArguments), prog=PROG)
 
 
 def _split(text: str | None) -> list[str] | None:
@@ -292,13 +293,13 @@ def summary_table(rows: list[tuple[str, str]]) -> str:
 def main(argv: list[str] | None = None) -> dict:
     """Run `python -m training.finetune_lora` with `argv`; returns the results (drift, losses, paths)."""
     logging.basicConfig(format="%(name)s: %(message)s", level=logging.INFO)
-    lora_args, data_args, args = parse_arguments(make_parser(), argv)
+    lora_args, data_args, args, dist_args = parse_arguments(make_parser(), argv)
     config = validate_lora_arguments(lora_args, args)
     set_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(lora_args.tokenizer_name_or_path or lora_args.model_name_or_path)
     with args.main_process_first(desc="tokenising and packing"):
         blocks = load_lm_datasets(data_args, tokenizer, config.max_position_embeddings)
-    model = load_pretrained(MoeForCausalLM, lora_args.model_name_or_path)
+    model = prepare_lora_model(load_pretrained(MoeForCausalLM, lora_args.model_name_or_path), dist_args, args)
     modules, parameters = requested_targets(lora_args, model)
     targets = resolve_lora_targets(model, modules, parameters, allow_routers=lora_args.lora_routers)
     peft_config = lora_config(
