@@ -54,10 +54,17 @@ def check_distributed_config(config, distributed_config) -> None:
     """Refuse, naming the option, what transformers' engines cannot shard exactly for this `MoeConfig`.
 
     Raises:
-        ValueError: a size does not divide the dimension it shards, or expert choice is asked under EP.
+        ValueError: a size does not divide the dimension it shards, expert choice is asked under EP, or the
+            experts are quantized.
     """
     tp = distributed_config.tp_size or 1
     ep = distributed_config.ep_size or 1
+    if getattr(config, "expert_quantization", None) is not None:
+        raise ValueError(
+            f"expert_quantization={config.expert_quantization} cannot be sharded by transformers' engines (tp_size, "
+            "ep_size, fsdp_size): the integer expert weights' scales are buffers that no sharding style splits. "
+            "Shard the float model, or serve the quantized one on one device"
+        )
     if tp > 1:
         dims = {
             "num_attention_heads": config.num_attention_heads,

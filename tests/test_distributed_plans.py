@@ -247,6 +247,7 @@ def test_expert_choice_is_refused_under_expert_parallelism(launch):
         (dict(num_key_value_heads=1), dict(tp_size=2), r"num_key_value_heads \(1\)"),
         (dict(num_local_experts=3, num_experts_per_tok=1), dict(ep_size=2, fsdp_size=2), r"num_local_experts \(3\)"),
         (dict(moe_intermediate_size=33), dict(tp_size=2), r"moe_intermediate_size \(33\)"),
+        (dict(expert_quantization={"bits": 8}), dict(fsdp_size=2), r"expert_quantization=.* cannot be sharded"),
     ],
 )
 def test_sizes_that_do_not_divide_are_refused(overrides, sizes, match):
