@@ -21,9 +21,8 @@ This file travels with the model (trust_remote_code): it imports only torch, tra
 
 from __future__ import annotations
 
-import re
-
 import torch
+from transformers.distributed.parallel_utils import replace_layer_number_by_wildcard
 
 # Plan rules whose module exists only in some configs (dense layers, shared experts, expert biases); the
 # model keeps the rules that name something in it (`prune_plan`), so transformers warns about none.
@@ -40,7 +39,7 @@ def prune_plan(plan: dict[str, str], names: set[str]) -> dict[str, str]:
 def wildcard_names(model: torch.nn.Module) -> set[str]:
     """Module and parameter names of `model` with every layer number replaced by `*` (as transformers' plans)."""
     names = [n for n, _ in model.named_modules()] + [n for n, _ in model.named_parameters()]
-    return {re.sub(r"\.\d+\.", ".*.", f"{n}.").rstrip(".") for n in names}
+    return {replace_layer_number_by_wildcard(n) for n in names}
 
 
 def tp_experts_style(plan: dict[str, str], mlp_bias: bool) -> dict[str, str]:

@@ -1,6 +1,6 @@
 """transformers' own sharding engines on our model, 2 processes on gloo (CPU), each against the same model in one
 process: `from_pretrained(..., distributed_config=DistributedConfig(...))` with tensor parallelism (TP), expert
-parallelism + FSDP2 (EP + FSDP) and TP + EP.
+parallelism + FSDP2 (EP + FSDP), TP + EP and FSDP2 alone.
 
 One launch (`_worker`, started once for the module) runs every case and writes what it measured; the tests read
 it. Per case: eval logits and routing (drops included) against the single process, the training loss and every
@@ -39,12 +39,13 @@ CONFIGS = {
     ),
 }
 ENGINES = {
+    "fsdp": dict(fsdp_size=2),
     "tp": dict(tp_size=2),
     "ep_fsdp": dict(ep_size=2, fsdp_size=2),
     "tp_ep": dict(tp_size=2, ep_size=2),
 }
 CASES = [(c, e) for c in CONFIGS for e in ENGINES]
-SAVED_CASES = [("full", "ep_fsdp"), ("full", "tp_ep")]  # trained one step sharded, then saved
+SAVED_CASES = [("plain", "fsdp"), ("full", "ep_fsdp"), ("full", "tp_ep")]  # trained one step sharded, then saved
 
 
 def tiny_config(**overrides) -> MoeConfig:
@@ -88,7 +89,7 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 def _expert_slice_ok(engine: str, rank: int, local: torch.Tensor, full: torch.Tensor) -> bool:
     """The rank's local gate_up_proj is exactly its slice of the single-process (E, 2I, D) tensor."""
     E, two_i, _ = full.shape
-    if "ep" in engine:  # whole experts: E / 2 per rank
+    if engine != "tp":  # whole experts, E / 2 per rank: EP, or FSDP2's dim-0 shards
         expected = full[rank * E // 2 : (rank + 1) * E // 2]
     else:  # half of every expert's gate rows and half of its up rows
         i, h = two_i // 2, two_i // 4

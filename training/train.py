@@ -4,6 +4,8 @@
     python -m training.train run.yaml                      # every argument from a JSON / YAML file ...
     python -m training.train run.yaml --max_steps 50       # ... and command-line values on top
     accelerate launch --multi_gpu --num_processes 2 -m training.train ...   # 2 processes, also on CPU (gloo)
+    torchrun --nproc_per_node 2 -m training.train ... --ep_size 2 --fsdp_size 2 --save_only_model true
+        # transformers' TP / EP / FSDP2 (--tp_size, --ep_size, --fsdp_size; training/distributed.py)
 
 (On a CPU-only machine `accelerate launch --cpu --num_processes 2` starts ONE process in accelerate 1.15 unless
 an MPI hostfile is given; `--multi_gpu` launches through torchrun and works on CPU, as does `torchrun`.)
