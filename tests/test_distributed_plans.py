@@ -37,6 +37,10 @@ CONFIGS = {
         capacity_factor_train=0.5,
         capacity_factor_eval=0.5,
     ),
+    # Soft MoE (Mixture of Tokens): slots mixed over groups of 2 batch rows, one experts call on every slot
+    "soft": dict(
+        router_type="soft", soft_group_size=2, soft_eval_group_size=2, mlp_bias=True, router_aux_loss_coef=0.0
+    ),
 }
 ENGINES = {
     "fsdp": dict(fsdp_size=2),
