@@ -78,6 +78,27 @@ def _block_sizes(device: torch.device) -> tuple[int, int, int, int]:
 if triton is not None:
 
     @triton.jit
+    def _tile_rows(tile_row_ptr, group_start_ptr, sorted_slot_ptr, tile, e, BLOCK_M: tl.constexpr):
+        # M-tile `tile` of group e: its BLOCK_M sorted rows, which of them belong to the group, and their slots
+        row0 = tl.load(tile_row_ptr + tile)
+        row_end = tl.load(group_start_ptr + e + 1)
+        rows = row0 + tl.arange(0, BLOCK_M)
+        row_mask = rows < row_end
+        slot = tl.load(sorted_slot_ptr + rows, mask=row_mask, other=0)
+        return rows, row_mask, slot
+
+    @triton.jit
+    def _gathered_rows(rows, slot, top_k, GATHER: tl.constexpr):
+        # the operand row of each sorted row: 0 the sorted row itself, 1 its slot t*K + k, 2 its token t
+        if GATHER == 0:
+            out = rows.to(tl.int64)
+        elif GATHER == 1:
+            out = slot.to(tl.int64)
+        else:
+            out = (slot // top_k).to(tl.int64)
+        return out
+
+    @triton.jit
     def _gate_up_swiglu_kernel(
         x_ptr,  # (T, D)
         w1_ptr,  # (E, 2I, D)
@@ -112,11 +133,7 @@ if triton is not None:
         e = tl.load(tile_group_ptr + tile)
         if e >= num_experts:  # dropped assignments and idle tiles: nothing to compute
             return
-        row0 = tl.load(tile_row_ptr + tile)
-        row_end = tl.load(group_start_ptr + e + 1)
-        rows = row0 + tl.arange(0, BLOCK_M)
-        row_mask = rows < row_end
-        slot = tl.load(sorted_slot_ptr + rows, mask=row_mask, other=0)
+        rows, row_mask, slot = _tile_rows(tile_row_ptr, group_start_ptr, sorted_slot_ptr, tile, e, BLOCK_M)
         token = (slot // top_k).to(tl.int64)  # fused gather: A rows are x[token]
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         col_mask = cols < I
@@ -187,11 +204,8 @@ if triton is not None:
         e = tl.load(tile_group_ptr + tile)
         if e > num_experts:  # idle tile
             return
-        row0 = tl.load(tile_row_ptr + tile)
-        row_end = tl.load(group_start_ptr + e + 1)
-        rows = row0 + tl.arange(0, BLOCK_M)
-        row_mask = rows < row_end
-        slot = tl.load(sorted_slot_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+        rows, row_mask, slot = _tile_rows(tile_row_ptr, group_start_ptr, sorted_slot_ptr, tile, e, BLOCK_M)
+        slot = slot.to(tl.int64)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         col_mask = cols < N_OUT
         ks = tl.arange(0, BLOCK_K)
@@ -251,11 +265,8 @@ if triton is not None:
         e = tl.load(tile_group_ptr + tile)
         if e >= num_experts:
             return
-        row0 = tl.load(tile_row_ptr + tile)
-        row_end = tl.load(group_start_ptr + e + 1)
-        rows = row0 + tl.arange(0, BLOCK_M)
-        row_mask = rows < row_end
-        slot = tl.load(sorted_slot_ptr + rows, mask=row_mask, other=0).to(tl.int64)  # fused gather of dy rows
+        rows, row_mask, slot = _tile_rows(tile_row_ptr, group_start_ptr, sorted_slot_ptr, tile, e, BLOCK_M)
+        slot = slot.to(tl.int64)  # fused gather of dy rows
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         col_mask = cols < I
         ks = tl.arange(0, BLOCK_K)
@@ -333,18 +344,8 @@ if triton is not None:
             rs = r0 + tl.arange(0, BLOCK_R)
             r_mask = rs < end
             slot = tl.load(sorted_slot_ptr + rs, mask=r_mask, other=0)
-            if L_GATHER == 0:
-                l_row = rs.to(tl.int64)
-            elif L_GATHER == 1:
-                l_row = slot.to(tl.int64)
-            else:
-                l_row = (slot // top_k).to(tl.int64)
-            if R_GATHER == 0:
-                r_row = rs.to(tl.int64)
-            elif R_GATHER == 1:
-                r_row = slot.to(tl.int64)
-            else:
-                r_row = (slot // top_k).to(tl.int64)
+            l_row = _gathered_rows(rs, slot, top_k, L_GATHER)
+            r_row = _gathered_rows(rs, slot, top_k, R_GATHER)
             lt = tl.load(
                 l_ptr + l_row[:, None] * stride_lr + ms[None, :] * stride_lc,
                 mask=r_mask[:, None] & m_mask[None, :],
@@ -401,6 +402,53 @@ def _routing_schedule(indices_TK: torch.Tensor, num_experts: int, block_m: int):
     return sorted_slot.contiguous(), group_start.contiguous(), tile_group.contiguous(), tile_row.contiguous()
 
 
+def _grouped_gemm_scatter(a_rows, b, b_strides, bias, out, schedule, num_experts, precision, blocks) -> None:
+    """out[slot] = a_rows[row] @ B[e] (+ bias[e]) for every sorted row r of expert e, slot = sorted_slot[r]; the
+    dropped group's slots get zeros. B[e][r, n] is at b + e*b_strides[0] + r*b_strides[1] + n*b_strides[2].
+
+    Shapes: a_rows (T*K, R) by sorted row, bias (E, N_OUT) or None, out (T*K, N_OUT) by slot (written in place).
+    """
+    block_m, block_n, block_k, num_warps = blocks
+    tile_group = schedule[2]
+    has_bias = bias is not None
+    bias = bias if has_bias else out  # dummy pointer, never read
+    _grouped_gemm_scatter_kernel[(tile_group.shape[0], triton.cdiv(out.shape[1], block_n))](
+        a_rows, b, bias, out,
+        *schedule,
+        num_experts, out.shape[1], a_rows.shape[1],
+        a_rows.stride(0), a_rows.stride(1),
+        *b_strides,
+        bias.stride(0), bias.stride(1),
+        out.stride(0), out.stride(1),
+        HAS_BIAS=has_bias, DOT_PRECISION=precision,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
+    )  # fmt: skip
+
+
+def _expert_weight_grads(left, right, weight, need_w, need_b, schedule, K, I, precision, blocks, *, gather, r_swiglu):
+    """Per expert e, the sum over its rows r of left[r]^T right[r], shaped like `weight` (E, M, N), and the row sums
+    of left (E, M) (the bias gradient); None for what is not needed. `gather` = (left, right) row gathers, each 0
+    (sorted row), 1 (slot) or 2 (token); `r_swiglu`: right is gu and the kernel uses silu(g) * u, g and u its
+    columns [0, I) and [I, 2I)."""
+    block_m, block_n, _, num_warps = blocks
+    sorted_slot, group_start = schedule[:2]
+    E, M, N = weight.shape
+    dw = torch.empty_like(weight) if need_w else weight.new_empty(E, M, N)
+    db = weight.new_empty(E, M) if need_b else dw
+    _expert_weight_grad_kernel[(E, triton.cdiv(M, block_n), triton.cdiv(N, block_n))](
+        left, right, dw, db,
+        sorted_slot, group_start,
+        K, M, N, I,
+        left.stride(0), left.stride(1),
+        right.stride(0), right.stride(1),
+        *dw.stride(),
+        db.stride(0), db.stride(1),
+        L_GATHER=gather[0], R_GATHER=gather[1], R_SWIGLU=r_swiglu, BIAS_SUM=need_b, DOT_PRECISION=precision,
+        BLOCK_M=block_n, BLOCK_N=block_n, BLOCK_R=block_m, num_warps=num_warps,
+    )  # fmt: skip
+    return dw if need_w else None, db if need_b else None
+
+
 class TritonGroupedExperts(torch.autograd.Function):
     """SwiGLU experts with Triton kernels: (T, D) input -> (T*K, D) unweighted slots, zero in dropped slots.
 
@@ -442,27 +490,18 @@ class TritonGroupedExperts(torch.autograd.Function):
             HAS_BIAS=has_b1, DOT_PRECISION=precision,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
         )  # fmt: skip
-        has_b2 = down_bias_ED is not None
-        b2 = down_bias_ED if has_b2 else slots
         # down: slots[slot] = h @ W2[e]^T + b2, i.e. B[e][i, d] = W2[e, d, i]
-        _grouped_gemm_scatter_kernel[(num_tiles, triton.cdiv(D, block_n))](
-            h, down_EDI, b2, slots,
-            sorted_slot, group_start, tile_group, tile_row,
-            E, D, I,
-            h.stride(0), h.stride(1),
-            down_EDI.stride(0), down_EDI.stride(2), down_EDI.stride(1),
-            b2.stride(0), b2.stride(1),
-            slots.stride(0), slots.stride(1),
-            HAS_BIAS=has_b2, DOT_PRECISION=precision,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
-        )  # fmt: skip
+        schedule = (sorted_slot, group_start, tile_group, tile_row)
+        down_strides = (down_EDI.stride(0), down_EDI.stride(2), down_EDI.stride(1))
+        _grouped_gemm_scatter(h, down_EDI, down_strides, down_bias_ED, slots, schedule, E, precision, blocks)
         ctx.save_for_backward(x_TD, gate_up_EHD, down_EDI, gu, sorted_slot, group_start, tile_group, tile_row)
         return slots
 
     @staticmethod
     def backward(ctx, dslots):
         x_TD, gate_up_EHD, down_EDI, gu, sorted_slot, group_start, tile_group, tile_row = ctx.saved_tensors
-        K, (block_m, block_n, block_k, num_warps) = ctx.K, ctx.blocks
+        K, blocks = ctx.K, ctx.blocks
+        block_m, block_n, block_k, num_warps = blocks
         T, D = x_TD.shape
         E, H, _ = gate_up_EHD.shape
         I = H // 2
@@ -478,23 +517,13 @@ class TritonGroupedExperts(torch.autograd.Function):
             db1 = gate_up_EHD.new_zeros(E, H) if need_b1 else None
             db2 = down_EDI.new_zeros(E, D) if need_b2 else None
             return dx, dw1, dw2, db1, db2, None, None, None, None, None, None
+        schedule = (sorted_slot, group_start, tile_group, tile_row)
         if need_w2 or need_b2:
             # dW2[e] (D, I) = dy_e^T h_e; db2[e] = sum of dy_e rows. L = dy gathered by slot, R = h from gu.
-            dw2 = torch.empty_like(down_EDI) if need_w2 else down_EDI.new_empty(E, D, I)
-            db2 = down_EDI.new_empty(E, D) if need_b2 else dw2
-            _expert_weight_grad_kernel[(E, triton.cdiv(D, block_n), triton.cdiv(I, block_n))](
-                dslots, gu, dw2, db2,
-                sorted_slot, group_start,
-                K, D, I, I,
-                dslots.stride(0), dslots.stride(1),
-                gu.stride(0), gu.stride(1),
-                *dw2.stride(),
-                db2.stride(0), db2.stride(1),
-                L_GATHER=1, R_GATHER=0, R_SWIGLU=True, BIAS_SUM=need_b2, DOT_PRECISION=precision,
-                BLOCK_M=block_n, BLOCK_N=block_n, BLOCK_R=block_m, num_warps=num_warps,
+            dw2, db2 = _expert_weight_grads(
+                dslots, gu, down_EDI, need_w2, need_b2, schedule, K, I, precision, blocks,
+                gather=(1, 0), r_swiglu=True,
             )  # fmt: skip
-            dw2 = dw2 if need_w2 else None
-            db2 = db2 if need_b2 else None
         if need_x or need_w1 or need_b1:
             dgu = gu.new_empty(TK, H)
             _swiglu_backward_kernel[(num_tiles, triton.cdiv(I, block_n))](
@@ -509,35 +538,16 @@ class TritonGroupedExperts(torch.autograd.Function):
             )  # fmt: skip
             if need_w1 or need_b1:
                 # dW1[e] (2I, D) = dgu_e^T x_e; db1[e] = sum of dgu_e rows. L = dgu by sorted row, R = x by token.
-                dw1 = torch.empty_like(gate_up_EHD) if need_w1 else gate_up_EHD.new_empty(E, H, D)
-                db1 = gate_up_EHD.new_empty(E, H) if need_b1 else dw1
-                _expert_weight_grad_kernel[(E, triton.cdiv(H, block_n), triton.cdiv(D, block_n))](
-                    dgu, x_TD, dw1, db1,
-                    sorted_slot, group_start,
-                    K, H, D, I,
-                    dgu.stride(0), dgu.stride(1),
-                    x_TD.stride(0), x_TD.stride(1),
-                    *dw1.stride(),
-                    db1.stride(0), db1.stride(1),
-                    L_GATHER=0, R_GATHER=2, R_SWIGLU=False, BIAS_SUM=need_b1, DOT_PRECISION=precision,
-                    BLOCK_M=block_n, BLOCK_N=block_n, BLOCK_R=block_m, num_warps=num_warps,
+                dw1, db1 = _expert_weight_grads(
+                    dgu, x_TD, gate_up_EHD, need_w1, need_b1, schedule, K, I, precision, blocks,
+                    gather=(0, 2), r_swiglu=False,
                 )  # fmt: skip
-                dw1 = dw1 if need_w1 else None
-                db1 = db1 if need_b1 else None
             if need_x:
                 # dx slots = dgu @ W1[e] (B[e][h, d] = W1[e, h, d]), zero in dropped slots; summed over k in torch.
                 dx_slots = x_TD.new_empty(TK, D)
-                _grouped_gemm_scatter_kernel[(num_tiles, triton.cdiv(D, block_n))](
-                    dgu, gate_up_EHD, dx_slots, dx_slots,
-                    sorted_slot, group_start, tile_group, tile_row,
-                    E, D, H,
-                    dgu.stride(0), dgu.stride(1),
-                    *gate_up_EHD.stride(),
-                    0, 0,
-                    dx_slots.stride(0), dx_slots.stride(1),
-                    HAS_BIAS=False, DOT_PRECISION=precision,
-                    BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
-                )  # fmt: skip
+                _grouped_gemm_scatter(
+                    dgu, gate_up_EHD, gate_up_EHD.stride(), None, dx_slots, schedule, E, precision, blocks
+                )
                 dx = dx_slots.view(T, K, D).sum(dim=1)
         return dx, dw1, dw2, db1, db2, None, None, None, None, None, None
 
