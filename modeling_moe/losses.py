@@ -10,7 +10,7 @@ with one (T, E) tensor per MoE layer.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,20 @@ def _token_weights(attention_mask_BS: torch.Tensor | None, num_rows: int, device
             "of the tokens in this forward pass, shape (batch, sequence)"
         )
     return mask_T
+
+
+def _mean_over_layers(
+    router_logits: Sequence[torch.Tensor],
+    attention_mask: torch.Tensor | None,
+    layer_loss: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
+) -> torch.Tensor:
+    """`layer_loss(logits_TE, mask_T)` of every MoE layer, averaged over layers; 0 when there are none. The logits
+    are moved to the first layer's device; mask_T is the (T,) float token weight of `_token_weights`, or None."""
+    if len(router_logits) == 0:
+        return torch.zeros(())
+    device = router_logits[0].device
+    mask_T = _token_weights(attention_mask, router_logits[0].shape[0], device)
+    return torch.stack([layer_loss(logits_TE.to(device), mask_T) for logits_TE in router_logits]).mean()
 
 
 def load_balancing_loss(
@@ -98,19 +112,16 @@ def importance_loss(router_logits: Sequence[torch.Tensor], attention_mask: torch
     Returns:
         A float32 scalar tensor (0 when there are no MoE layers).
     """
-    if len(router_logits) == 0:
-        return torch.zeros(())
-    device = router_logits[0].device
-    mask_T = _token_weights(attention_mask, router_logits[0].shape[0], device)
-    per_layer = []
-    for logits_TE in router_logits:
-        probs_TE = F.softmax(logits_TE.to(device), dim=-1, dtype=torch.float32)
-        if mask_T is not None:
-            probs_TE = probs_TE * mask_T[:, None]
-        importance_E = probs_TE.sum(dim=0)  # Eq. 6
-        cv = importance_E.std(correction=0) / importance_E.mean().clamp_min(1e-20)  # population std
-        per_layer.append(cv**2)  # Eq. 7 without w_importance
-    return torch.stack(per_layer).mean()
+    return _mean_over_layers(router_logits, attention_mask, _importance_cv_squared)
+
+
+def _importance_cv_squared(logits_TE: torch.Tensor, mask_T: torch.Tensor | None) -> torch.Tensor:
+    probs_TE = F.softmax(logits_TE, dim=-1, dtype=torch.float32)
+    if mask_T is not None:
+        probs_TE = probs_TE * mask_T[:, None]
+    importance_E = probs_TE.sum(dim=0)  # Eq. 6
+    cv = importance_E.std(correction=0) / importance_E.mean().clamp_min(1e-20)  # population std
+    return cv**2  # Eq. 7 without w_importance
 
 
 def router_z_loss(router_logits: Sequence[torch.Tensor], attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -122,18 +133,14 @@ def router_z_loss(router_logits: Sequence[torch.Tensor], attention_mask: torch.T
     Returns:
         A float32 scalar tensor (0 when there are no MoE layers).
     """
-    if len(router_logits) == 0:
-        return torch.zeros(())
-    device = router_logits[0].device
-    mask_T = _token_weights(attention_mask, router_logits[0].shape[0], device)
-    per_layer = []
-    for logits_TE in router_logits:
-        z_T = torch.logsumexp(logits_TE.to(device).float(), dim=-1) ** 2  # Eq. 5
-        if mask_T is None:
-            per_layer.append(z_T.mean())
-        else:
-            per_layer.append((z_T * mask_T).sum() / mask_T.sum().clamp_min(1.0))
-    return torch.stack(per_layer).mean()
+    return _mean_over_layers(router_logits, attention_mask, _z_loss)
+
+
+def _z_loss(logits_TE: torch.Tensor, mask_T: torch.Tensor | None) -> torch.Tensor:
+    z_T = torch.logsumexp(logits_TE.float(), dim=-1) ** 2  # Eq. 5
+    if mask_T is None:
+        return z_T.mean()
+    return (z_T * mask_T).sum() / mask_T.sum().clamp_min(1.0)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
