@@ -63,7 +63,7 @@ from bench.common import (
 
 HF_IMPLS = ("eager", "grouped_mm")
 MODES = ("fwd", "fwdbwd")
-# Relative tolerance (max |ours - theirs| / max |theirs|) of the equivalence check, per dtype.
+# Relative tolerance (max |ours - theirs| / max |theirs|) of the equivalence check, per dtype (bench_gpu_block too).
 CHECK_TOL = {"fp32": 1e-4, "bf16": 3e-2}
 
 
@@ -261,7 +261,8 @@ def weight_floor_variant(blocks: Blocks, x: torch.Tensor) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------- correctness
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b|, in float32. Shared with bench_gpu_block."""
     return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
 
 
@@ -307,42 +308,49 @@ def check_equivalence(blocks: Blocks, impls: tuple[str, ...], x: torch.Tensor, d
     failures = []
     for impl in impls:
         theirs = run(f"hf:{impl}")
-        report[impl] = {key: _rel_err(ours[key], theirs[key]) for key in ours}
+        report[impl] = {key: rel_err(ours[key], theirs[key]) for key in ours}
         failures += [f"{impl}:{key} rel.err {err:.2e}" for key, err in report[impl].items() if err > CHECK_TOL[dtype]]
     if failures:
         raise SystemExit(f"our MoeSparseBlock disagrees with transformers' Mixtral ({dtype}): " + "; ".join(failures))
     return report
 
 
-def routing_load(blocks: Blocks, x: torch.Tensor) -> float:
-    """Max over mean of the assignments per expert for input `x` (1.0 = perfectly balanced)."""
+def routing_load(hf_block: torch.nn.Module, x: torch.Tensor) -> float:
+    """Max over mean of the assignments per expert that the Mixtral block `hf_block` makes for input `x` (1.0 =
+    perfectly balanced). Shared with bench_gpu_block."""
     with torch.no_grad():
-        _, _, indices = blocks.hf.gate(x.reshape(-1, x.shape[-1]))
-        counts = torch.bincount(indices.reshape(-1), minlength=blocks.hf.experts.num_experts).float()
+        _, _, indices = hf_block.gate(x.reshape(-1, x.shape[-1]))
+        counts = torch.bincount(indices.reshape(-1), minlength=hf_block.experts.num_experts).float()
     return (counts.max() / counts.mean()).item()
 
 
 # ---------------------------------------------------------------------------------------------- timing
+def block_call(module: torch.nn.Module, fn: Any, x: torch.Tensor, mode: str, grad_out: torch.Tensor) -> Any:
+    """A zero-argument callable running `fn` once on `x`: forward under no_grad ("fwd"), or forward+backward of
+    `grad_out` with `module`'s gradients and the input's cleared first ("fwdbwd"). Shared with bench_gpu_block."""
+    if mode == "fwd":
+
+        def call() -> None:
+            with torch.no_grad():
+                fn(x)
+
+        return call
+    xg = x.detach().clone().requires_grad_(True)
+
+    def call() -> None:
+        module.zero_grad(set_to_none=True)
+        xg.grad = None
+        fn(xg).backward(grad_out)
+
+    return call
+
+
 def timed_variants(blocks: Blocks, impls: tuple[str, ...], x: torch.Tensor, mode: str) -> dict[str, Any]:
     """Variant name -> zero-argument callable running one forward (no_grad) or one forward+backward."""
     grad_out = torch.randn_like(x)  # contiguous upstream gradient (grouped_mm's backward rejects expanded ones)
-    variants = {}
-    for name, (module, fn) in forward_fns(blocks, impls).items():
-        if mode == "fwd":
-
-            def call(fn=fn) -> None:
-                with torch.no_grad():
-                    fn(x)
-
-        else:
-            xg = x.detach().clone().requires_grad_(True)
-
-            def call(fn=fn, module=module, xg=xg) -> None:
-                module.zero_grad(set_to_none=True)
-                xg.grad = None
-                fn(xg).backward(grad_out)
-
-        variants[name] = call
+    variants = {
+        name: block_call(module, fn, x, mode, grad_out) for name, (module, fn) in forward_fns(blocks, impls).items()
+    }
     variants["ceiling:presorted"] = ceiling_variant(blocks, x, mode)
     floor = weight_floor_variant(blocks, x) if mode == "fwd" else None
     if floor is not None:
@@ -477,7 +485,7 @@ def main(argv: list[str] | None = None) -> None:
             worst = max(err for errs in check.values() for err in errs.values())
             print(
                 f"\n=== {SHAPE_LABELS[shape_name]} {asdict(shape)} {dtype} on {device} | fwd "
-                f"{shape.fwd_flops() / 1e9:.2f} GFLOP | routing load max/mean {routing_load(blocks, x):.2f} | "
+                f"{shape.fwd_flops() / 1e9:.2f} GFLOP | routing load max/mean {routing_load(blocks.hf, x):.2f} | "
                 f"ours == Mixtral ({', '.join(impls)}): worst rel.err {worst:.1e} ===",
                 flush=True,
             )

@@ -61,11 +61,10 @@ import torch.nn.functional as F
 if __package__ in (None, ""):  # run as a script (python bench/bench_gpu_block.py): make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.bench_block import Shape, build_moe_pair, outputs_and_grads
+from bench.bench_block import CHECK_TOL, Shape, block_call, build_moe_pair, outputs_and_grads, rel_err, routing_load
 from bench.common import DTYPES, Timing, dtype_name, dtype_supported, env_info, markdown_table, save_json, sync
 
 TARGET = 0.80  # issue 7: our block >= 0.80 of dense-equal throughput
-CHECK_TOL = {"fp32": 1e-4, "bf16": 3e-2}  # max |ours - theirs| / max |theirs|
 HF_IMPLS = ("grouped_mm", "eager")
 MODES = ("fwd", "fwdbwd")
 DENSE = "dense-equal"
@@ -289,10 +288,6 @@ def ceiling_fn(shape: Shape, dtype: torch.dtype, device: torch.device, mode: str
 
 
 # ---------------------------------------------------------------------------------------------- correctness
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
-
-
 def check(
     mods: Modules, hf_impls: list[str], ours_impls: list[str], x: torch.Tensor, dtype: str, backward: bool
 ) -> tuple[dict[str, dict[str, dict[str, float]]], dict[str, str]]:
@@ -323,7 +318,7 @@ def check(
         except Exception as err:
             failed[name] = _error_text(err)
             continue
-        report[impl] = {hf: {key: _rel_err(ours[key], ref[key]) for key in ours} for hf, ref in theirs.items()}
+        report[impl] = {hf: {key: rel_err(ours[key], ref[key]) for key in ours} for hf, ref in theirs.items()}
         bad = [
             f"vs hf:{hf} {key} rel.err {err:.2e}"
             for hf, errs in report[impl].items()
@@ -342,14 +337,6 @@ def device_is_cuda(t: torch.Tensor) -> bool:
     return t.device.type == "cuda"
 
 
-def routing_load(mods: Modules, x: torch.Tensor) -> float:
-    """Max over mean of the assignments per expert (1.0 = perfectly balanced)."""
-    with torch.no_grad():
-        _, _, indices = mods.hf.gate(x.reshape(-1, x.shape[-1]))
-        counts = torch.bincount(indices.reshape(-1), minlength=mods.hf.experts.num_experts).float()
-    return (counts.max() / counts.mean()).item()
-
-
 # ---------------------------------------------------------------------------------------------- one cell
 def timed_variants(
     mods: Modules,
@@ -363,21 +350,7 @@ def timed_variants(
     grad_out = torch.randn_like(x)  # contiguous upstream gradient (grouped_mm's backward rejects expanded ones)
     variants: dict[str, Callable[[], None]] = {}
     for name, (module, fn) in block_fns(mods, hf_impls, ours_impls).items():
-        if mode == "fwd":
-
-            def call(fn=fn) -> None:
-                with torch.no_grad():
-                    fn(x)
-
-        else:
-            xg = x.detach().clone().requires_grad_(True)
-
-            def call(fn=fn, module=module, xg=xg) -> None:
-                module.zero_grad(set_to_none=True)
-                xg.grad = None
-                fn(xg).backward(grad_out)
-
-        variants[name] = call
+        variants[name] = block_call(module, fn, x, mode, grad_out)
         if name == DENSE and ceiling is not None:
             variants[CEILING] = ceiling
     return variants
@@ -534,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
         worst = max((e for per_hf in report.values() for errs in per_hf.values() for e in errs.values()), default=0.0)
         print(
             f"\n=== {LABELS[shape_name]} {asdict(shape)} {args.dtype} on {device} | fwd "
-            f"{shape.fwd_flops() / 1e9:.1f} GFLOP | routing load max/mean {routing_load(mods, x):.2f} | "
+            f"{shape.fwd_flops() / 1e9:.1f} GFLOP | routing load max/mean {routing_load(mods.hf, x):.2f} | "
             f"ours vs Mixtral worst rel.err {worst:.1e} (tol {CHECK_TOL[args.dtype]:.0e}) ===",
             flush=True,
         )

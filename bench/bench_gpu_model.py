@@ -182,6 +182,15 @@ def check_logits(state, args, dtype, device) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------------------------- training
+def fastest_rows(rows: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The rows with the most tokens/s among ours ("ours:...") and Mixtral's ("mixtral:..."), errors left out;
+    None where no such row ran."""
+    ran = [r for r in rows if not r["error"]]
+    ours = max((r for r in ran if r["variant"].startswith("ours:")), key=lambda r: r["tok_s"], default=None)
+    hf = max((r for r in ran if r["variant"].startswith("mixtral:")), key=lambda r: r["tok_s"], default=None)
+    return ours, hf
+
+
 def train_variant(kind: str, impl: str, state, args: argparse.Namespace, dtype, device: torch.device) -> dict[str, Any]:
     """Build one model alone on the device, then time its AdamW training step; tokens/s, MFU, peak memory."""
     chunk = args.lm_loss_chunk_size if kind == "ours" and args.lm_loss_chunk_size > 0 else None
@@ -251,9 +260,7 @@ def run_training(state, args, dtype, device, ours_impls: list[str]) -> dict[str,
             flush=True,
         )
     out: dict[str, Any] = {"rows": rows, "target_speedup": TRAIN_TARGET}
-    ran = [r for r in rows if not r["error"]]
-    ours = max((r for r in ran if r["variant"].startswith("ours:")), key=lambda r: r["tok_s"], default=None)
-    hf = max((r for r in ran if r["variant"].startswith("mixtral:")), key=lambda r: r["tok_s"], default=None)
+    ours, hf = fastest_rows(rows)
     if ours and hf:
         speedup = ours["tok_s"] / hf["tok_s"]
         mem_ok = None if ours["peak_mem_gb"] is None else bool(ours["peak_mem_gb"] <= hf["peak_mem_gb"])
@@ -386,9 +393,7 @@ def run_decoding(state, args, dtype, device, ours_impls: list[str]) -> dict[str,
                 flush=True,
             )
         result: dict[str, Any] = {"rows": rows, "reference_tokens": ref_label}
-        ran = [r for r in rows if not r["error"]]
-        ours = max((r for r in ran if r["variant"].startswith("ours:")), key=lambda r: r["tok_s"], default=None)
-        hf = max((r for r in ran if r["variant"].startswith("mixtral:")), key=lambda r: r["tok_s"], default=None)
+        ours, hf = fastest_rows(rows)
         ours_mix = next((r for r in rows if r["variant"].startswith("ours:") and "tokens_equal_to_ref" in r), None)
         if ours_mix is not None and ours_mix["first_divergence"] is not None and args.dtype == "fp32":
             print(f"    WARNING: in fp32 our greedy tokens should equal Mixtral's ({ours_mix['variant']} diverges)")
