@@ -7,10 +7,10 @@ assignments are counted with `expert_counts`, the rest of the real tokens' K ass
 
 from __future__ import annotations
 
-import datasets
 import evaluate
 import torch
 
+from eval.metrics import rows
 from modeling_moe import routing_stats
 
 _DESCRIPTION = """
@@ -42,9 +42,7 @@ journal={arXiv preprint arXiv:2101.03961}, year={2021}}
 
 def _dropped(indices_TK: torch.Tensor, num_experts: int) -> tuple[float, int, int]:
     """(dropped assignments, real tokens, K) of one layer."""
-    real_T = (indices_TK >= 0).any(dim=-1)
-    if (indices_TK[real_T] > num_experts).any():
-        raise ValueError(f"expert_indices must be in [0, num_experts={num_experts}] (num_experts = dropped)")
+    real_T = rows.real_tokens(indices_TK, num_experts)
     kept = float(routing_stats.expert_counts(indices_TK.clamp(min=0), num_experts, real_T).sum())
     n_real, k = int(real_T.sum()), indices_TK.shape[1]
     return n_real * k - kept, n_real, k
@@ -55,25 +53,15 @@ class MoeDropRate(evaluate.Metric):
     """Drop rate of MoE routing (see the module docstring)."""
 
     def _info(self) -> evaluate.MetricInfo:
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features({"expert_indices": datasets.Sequence(datasets.Value("int64"))}),
-        )
+        return rows.metric_info(_DESCRIPTION, _CITATION, _KWARGS_DESCRIPTION, "expert_indices")
 
     def _compute(self, expert_indices, layer=None, num_experts=None) -> dict:
-        if not isinstance(num_experts, int) or isinstance(num_experts, bool) or num_experts < 1:
-            raise ValueError(f"num_experts must be an integer >= 1, got {num_experts!r}")
-        if not expert_indices:
-            raise ValueError("expert_indices is empty: add at least one routed token")
-        indices_TK = torch.as_tensor(expert_indices, dtype=torch.long)
+        num_experts = rows.check_num_experts(num_experts)
+        indices_TK = rows.index_rows(expert_indices, "expert_indices")
         if layer is None:
             dropped, n_real, k = _dropped(indices_TK, num_experts)
             return {"drop_rate": routing_stats.dropped_fraction(dropped, n_real, k)}
-        layer_T = torch.as_tensor(layer, dtype=torch.long)
-        layers = sorted(set(layer_T.tolist()))
-        parts = [_dropped(indices_TK[layer_T == i], num_experts) for i in layers]
+        layers, parts = rows.per_layer(layer, lambda x_TK: _dropped(x_TK, num_experts), indices_TK)
         k = indices_TK.shape[1]
         return {
             "drop_rate": routing_stats.dropped_fraction(sum(p[0] for p in parts), sum(p[1] for p in parts), k),

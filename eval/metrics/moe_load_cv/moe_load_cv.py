@@ -6,10 +6,10 @@ Load with `evaluate.load("eval/metrics/moe_load_cv")`. Computed by `modeling_moe
 
 from __future__ import annotations
 
-import datasets
 import evaluate
 import torch
 
+from eval.metrics import rows
 from modeling_moe import routing_stats
 
 _DESCRIPTION = """
@@ -41,16 +41,8 @@ journal={arXiv preprint arXiv:2101.03961}, year={2021}}
 """
 
 
-def _check_num_experts(num_experts) -> int:
-    if not isinstance(num_experts, int) or isinstance(num_experts, bool) or num_experts < 1:
-        raise ValueError(f"num_experts must be an integer >= 1, got {num_experts!r}")
-    return num_experts
-
-
 def _layer_stats(indices_TK: torch.Tensor, num_experts: int) -> dict:
-    real_T = (indices_TK >= 0).any(dim=-1)
-    if (indices_TK[real_T] > num_experts).any():
-        raise ValueError(f"expert_indices must be in [0, num_experts={num_experts}] (num_experts = dropped)")
+    real_T = rows.real_tokens(indices_TK, num_experts)
     counts_E = routing_stats.expert_counts(indices_TK.clamp(min=0), num_experts, real_T)
     return {
         "load_cv": routing_stats.load_cv(counts_E),
@@ -65,23 +57,14 @@ class MoeLoadCv(evaluate.Metric):
     """Load CV of MoE routing (see the module docstring)."""
 
     def _info(self) -> evaluate.MetricInfo:
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features({"expert_indices": datasets.Sequence(datasets.Value("int64"))}),
-        )
+        return rows.metric_info(_DESCRIPTION, _CITATION, _KWARGS_DESCRIPTION, "expert_indices")
 
     def _compute(self, expert_indices, layer=None, num_experts=None) -> dict:
-        num_experts = _check_num_experts(num_experts)
-        if not expert_indices:
-            raise ValueError("expert_indices is empty: add at least one routed token")
-        indices_TK = torch.as_tensor(expert_indices, dtype=torch.long)
+        num_experts = rows.check_num_experts(num_experts)
+        indices_TK = rows.index_rows(expert_indices, "expert_indices")
         if layer is None:
             return _layer_stats(indices_TK, num_experts)
-        layer_T = torch.as_tensor(layer, dtype=torch.long)
-        layers = sorted(set(layer_T.tolist()))
-        per_layer = [_layer_stats(indices_TK[layer_T == i], num_experts) for i in layers]
+        layers, per_layer = rows.per_layer(layer, lambda x_TK: _layer_stats(x_TK, num_experts), indices_TK)
         return {
             "load_cv": sum(s["load_cv"] for s in per_layer) / len(per_layer),
             "load_entropy": sum(s["load_entropy"] for s in per_layer) / len(per_layer),

@@ -6,10 +6,10 @@ Load with `evaluate.load("eval/metrics/moe_routing_agreement")`. Computed by `mo
 
 from __future__ import annotations
 
-import datasets
 import evaluate
 import torch
 
+from eval.metrics import rows
 from modeling_moe import routing_stats
 
 _DESCRIPTION = """
@@ -53,28 +53,17 @@ class MoeRoutingAgreement(evaluate.Metric):
     """Top-k routing agreement (see the module docstring)."""
 
     def _info(self) -> evaluate.MetricInfo:
-        seq = datasets.Sequence(datasets.Value("int64"))
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features({"predictions": seq, "references": seq}),
-        )
+        return rows.metric_info(_DESCRIPTION, _CITATION, _KWARGS_DESCRIPTION, "predictions", "references")
 
     def _compute(self, predictions, references, layer=None, num_experts=None) -> dict:
-        if not isinstance(num_experts, int) or isinstance(num_experts, bool) or num_experts < 1:
-            raise ValueError(f"num_experts must be an integer >= 1, got {num_experts!r}")
-        if not predictions:
-            raise ValueError("predictions is empty: add at least one routed token")
-        a_TK = torch.as_tensor(predictions, dtype=torch.long)
+        num_experts = rows.check_num_experts(num_experts)
+        a_TK = rows.index_rows(predictions, "predictions")
         b_TK = torch.as_tensor(references, dtype=torch.long)
         if a_TK.shape[0] != b_TK.shape[0]:
             raise ValueError(f"predictions cover {a_TK.shape[0]} tokens and references {b_TK.shape[0]}")
         if layer is None:
             return {"topk_agreement": _agreement(a_TK, b_TK, num_experts)}
-        layer_T = torch.as_tensor(layer, dtype=torch.long)
-        layers = sorted(set(layer_T.tolist()))
-        per_layer = [_agreement(a_TK[layer_T == i], b_TK[layer_T == i], num_experts) for i in layers]
+        layers, per_layer = rows.per_layer(layer, lambda a, b: _agreement(a, b, num_experts), a_TK, b_TK)
         return {
             "topk_agreement": sum(per_layer) / len(per_layer),
             "layers": layers,
