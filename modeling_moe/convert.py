@@ -16,6 +16,7 @@ import os
 import re
 from pathlib import Path
 
+from torch import nn
 from transformers import AutoConfig, MixtralConfig, MixtralForCausalLM
 
 from .checkpoint import load_pretrained
@@ -125,13 +126,7 @@ def from_mixtral(model_or_dir: MixtralForCausalLM | str | os.PathLike) -> MoeFor
         model_or_dir = load_pretrained(MixtralForCausalLM, model_or_dir)
     if not isinstance(model_or_dir, MixtralForCausalLM):
         raise TypeError(f"from_mixtral takes a MixtralForCausalLM or a path, got {type(model_or_dir).__name__}")
-    source = model_or_dir
-    config = mixtral_config_to_moe(source.config)
-    dtype = next(source.parameters()).dtype
-    model = MoeForCausalLM(config).to(dtype)
-    state = {_rename(k, MIXTRAL_TO_MOE_KEYS): v for k, v in source.state_dict().items()}
-    model.load_state_dict(state, strict=True)
-    return model.eval() if not source.training else model
+    return _copy_weights(model_or_dir, MoeForCausalLM(mixtral_config_to_moe(model_or_dir.config)), MIXTRAL_TO_MOE_KEYS)
 
 
 def to_mixtral(model: MoeForCausalLM) -> MixtralForCausalLM:
@@ -151,12 +146,16 @@ def to_mixtral(model: MoeForCausalLM) -> MixtralForCausalLM:
             "to_mixtral takes an unsharded model; this one was sharded by from_pretrained(distributed_config=...). "
             "Save it (save_pretrained on every rank writes full tensors) and convert the folder loaded on one process"
         )
-    config = moe_config_to_mixtral(model.config)
-    dtype = next(model.parameters()).dtype
-    target = MixtralForCausalLM(config).to(dtype)
-    state = {_rename(k, MOE_TO_MIXTRAL_KEYS): v for k, v in model.state_dict().items()}
+    return _copy_weights(model, MixtralForCausalLM(moe_config_to_mixtral(model.config)), MOE_TO_MIXTRAL_KEYS)
+
+
+def _copy_weights(source: nn.Module, target: nn.Module, key_map) -> nn.Module:
+    """`target` in the source's dtype holding the source's weights (keys renamed by `key_map`, all of them
+    required), in the source's train / eval mode."""
+    target = target.to(next(source.parameters()).dtype)
+    state = {_rename(k, key_map): v for k, v in source.state_dict().items()}
     target.load_state_dict(state, strict=True)
-    return target.eval() if not model.training else target
+    return target.eval() if not source.training else target
 
 
 __all__ = ["from_mixtral", "mixtral_config_to_moe", "moe_config_to_mixtral", "to_mixtral"]
