@@ -30,6 +30,8 @@ Kernels (fp32 accumulation, `tl.dot`):
                                gathered by token); also the bias gradients (row sums). An expert with no rows gets
                                exact zeros.
 Torch does: the sort and the tile schedule, the sum of dx slots over k (no atomics), and the weighted combine.
+Device functions the kernels share: `_tile_rows` (an M-tile's rows, mask and slots), `_gathered_rows` (the row
+gather of an operand) and `_gathered_matmul` (a K-loop of gathered A rows times one expert's B).
 
 The weight-gradient kernel runs one program per (expert, output tile) looping over all of that expert's rows, so a
 heavily loaded expert is a long serial loop (no split-K). Verified here only in triton's CPU interpreter (fp32 and
@@ -97,6 +99,31 @@ if triton is not None:
         else:
             out = (slot // top_k).to(tl.int64)
         return out
+
+    @triton.jit
+    def _gathered_matmul(
+        a_ptr, a_rows, stride_ar, stride_ak, row_mask, b_ptr, stride_br, stride_bn, cols, col_mask, R, r_end, ks,
+        DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):  # fmt: skip
+        # (BLOCK_M, BLOCK_N) float32: sum over r < r_end of A[a_rows, r] * B[r, cols], the A rows gathered (a_rows),
+        # B one expert's (R, N) matrix at b_ptr, in steps of BLOCK_K (ks = arange(0, BLOCK_K)); masked rows,
+        # columns and r >= R contribute zeros
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, r_end, BLOCK_K):
+            kk = k0 + ks
+            k_mask = kk < R
+            a = tl.load(
+                a_ptr + a_rows[:, None] * stride_ar + kk[None, :] * stride_ak,
+                mask=row_mask[:, None] & k_mask[None, :],
+                other=0.0,
+            )  # (BLOCK_M, BLOCK_K)
+            b = tl.load(
+                b_ptr + kk[:, None] * stride_br + cols[None, :] * stride_bn,
+                mask=k_mask[:, None] & col_mask[None, :],
+                other=0.0,
+            )  # (BLOCK_K, BLOCK_N)
+            acc = tl.dot(a.to(b.dtype), b, acc, input_precision=DOT_PRECISION)
+        return acc
 
     @triton.jit
     def _gate_up_swiglu_kernel(
@@ -212,22 +239,10 @@ if triton is not None:
         is_expert = e < num_experts
         r_end = tl.where(is_expert, R, 0)  # the dropped group (e == E) skips the GEMM and writes zeros
         b_base = b_ptr + e.to(tl.int64) * stride_be
-        rows64 = rows.to(tl.int64)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, r_end, BLOCK_K):
-            kk = k0 + ks
-            k_mask = kk < R
-            a = tl.load(
-                a_ptr + rows64[:, None] * stride_ar + kk[None, :] * stride_ak,
-                mask=row_mask[:, None] & k_mask[None, :],
-                other=0.0,
-            )
-            b = tl.load(
-                b_base + kk[:, None] * stride_br + cols[None, :] * stride_bn,
-                mask=k_mask[:, None] & col_mask[None, :],
-                other=0.0,
-            )
-            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        acc = _gathered_matmul(
+            a_ptr, rows.to(tl.int64), stride_ar, stride_ak, row_mask, b_base, stride_br, stride_bn, cols, col_mask,
+            R, r_end, ks, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+        )  # fmt: skip
         if HAS_BIAS:
             e_bias = tl.minimum(e, num_experts - 1).to(tl.int64)  # the dropped group reads expert E-1, discarded
             bias = tl.load(bias_ptr + e_bias * stride_biase + cols * stride_biasn, mask=col_mask, other=0.0)
@@ -271,21 +286,11 @@ if triton is not None:
         col_mask = cols < I
         ks = tl.arange(0, BLOCK_K)
         w_base = w2_ptr + e.to(tl.int64) * stride_we
-        dh = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, D, BLOCK_K):
-            kk = k0 + ks
-            k_mask = kk < D
-            dy = tl.load(
-                dslots_ptr + slot[:, None] * stride_dsr + kk[None, :] * stride_dsd,
-                mask=row_mask[:, None] & k_mask[None, :],
-                other=0.0,
-            )  # (BLOCK_M, BLOCK_K)
-            w = tl.load(
-                w_base + kk[:, None] * stride_wd + cols[None, :] * stride_wi,
-                mask=k_mask[:, None] & col_mask[None, :],
-                other=0.0,
-            )  # (BLOCK_K, BLOCK_N) = W2[e][d, i]
-            dh = tl.dot(dy.to(w.dtype), w, dh, input_precision=DOT_PRECISION)  # dh = dy @ W2[e]
+        # dh = dy @ W2[e]: dy rows gathered by slot, B[d, i] = W2[e][d, i]
+        dh = _gathered_matmul(
+            dslots_ptr, slot, stride_dsr, stride_dsd, row_mask, w_base, stride_wd, stride_wi, cols, col_mask,
+            D, D, ks, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+        )  # fmt: skip
         mask = row_mask[:, None] & col_mask[None, :]
         rows64 = rows.to(tl.int64)
         gu_rows = gu_ptr + rows64[:, None] * stride_gur
