@@ -77,6 +77,23 @@ def task_specs(tasks: list[str]) -> list[str | dict]:
     return specs
 
 
+def _import_lm_eval():
+    """The `lm_eval` package and its `TaskManager` class.
+
+    Raises:
+        EvalInputError: lm-evaluation-harness is not installed.
+    """
+    try:
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+    except ImportError as err:
+        raise EvalInputError(
+            "lm_eval_tasks: lm-evaluation-harness is not installed; `pip install lm-eval==0.4.13`, or pass "
+            "--lm_eval_tasks '' to skip benchmarks"
+        ) from err
+    return lm_eval, TaskManager
+
+
 def check_tasks(tasks: list[str]) -> None:
     """Check a task list before any evaluation: lm-eval is installed, shipped tasks have their data, and every
     other name is a task lm-eval knows (indexing lm-eval's own tasks takes a few seconds, so only then).
@@ -84,13 +101,7 @@ def check_tasks(tasks: list[str]) -> None:
     Raises:
         EvalInputError: naming the unknown tasks, with close matches.
     """
-    try:
-        from lm_eval.tasks import TaskManager
-    except ImportError as err:
-        raise EvalInputError(
-            "lm_eval_tasks: lm-evaluation-harness is not installed; `pip install lm-eval==0.4.13`, or pass "
-            "--lm_eval_tasks '' to skip benchmarks"
-        ) from err
+    _, TaskManager = _import_lm_eval()
     specs = task_specs(tasks)
     names = [s for s in specs if isinstance(s, str)]
     if not names:
@@ -170,14 +181,7 @@ def run_lm_eval(
     Raises:
         EvalInputError: lm-eval is not installed, or bad tasks (see `task_specs`).
     """
-    try:
-        import lm_eval
-        from lm_eval.tasks import TaskManager
-    except ImportError as err:
-        raise EvalInputError(
-            "lm_eval_tasks: lm-evaluation-harness is not installed; `pip install lm-eval==0.4.13`, or pass "
-            "--lm_eval_tasks '' to skip benchmarks"
-        ) from err
+    lm_eval, TaskManager = _import_lm_eval()
     specs = task_specs(tasks)
     if isinstance(model, (str, os.PathLike)):
         with contextlib.suppress(ImportError):  # registers model_type "moe_lm": our folders need no remote code
