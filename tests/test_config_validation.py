@@ -11,6 +11,7 @@ import pytest
 from modeling_moe import MoeConfig, MoeConfigError, MoeForCausalLM, load_preset
 from modeling_moe.configuration_moe import MoeConfigWarning
 from tests.conftest import tiny_config
+from training import train
 
 
 @pytest.mark.parametrize(
@@ -85,3 +86,17 @@ def test_saved_folders_and_transformers_keys_do_not_warn(tmp_path):
 def test_numeric_fields_are_range_checked_at_construction(overrides, match):
     with pytest.raises(MoeConfigError, match=match):
         tiny_config(**overrides)
+
+
+def test_config_overrides_on_a_saved_model_are_validated(tmp_path):
+    MoeForCausalLM(tiny_config()).save_pretrained(tmp_path)
+
+    def load(overrides: dict) -> MoeConfig:
+        args = train.ModelArguments(model_name_or_path=str(tmp_path), config_overrides=json.dumps(overrides))
+        return train.load_config(args)
+
+    assert load({"capacity_factor_train": 1.5}).capacity_factor_train == 1.5
+    with pytest.raises(MoeConfigError, match="'num_expertz' is not a MoeConfig field; did you mean num_local"):
+        load({"num_expertz": 9})
+    with pytest.raises(MoeConfigError, match="capacity_factor_train must be None"):
+        load({"capacity_factor_train": -1})

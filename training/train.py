@@ -377,9 +377,11 @@ def load_config(model_args: ModelArguments) -> MoeConfig:
     path = Path(model_args.config or model_args.model_name_or_path)
     if not model_args.config and (path / "config.json").is_file():  # a saved model: its routing must be explicit
         check_routing_fields(json.loads((path / "config.json").read_text()), path / "config.json")
-    config = MoeConfig.from_pretrained(str(path), **overrides)
+    config = MoeConfig.from_pretrained(str(path))
     if not isinstance(config, MoeConfig):
         raise TrainArgumentError(f"{path} is not a modeling_moe config (model_type {config.model_type!r})")
+    if overrides:  # built again, so that overrides are validated and misspelt keys refused like any field
+        config = MoeConfig.from_dict({**config.to_dict(), **overrides})
     return config
 
 
@@ -414,8 +416,7 @@ def build_model(model_args: ModelArguments, config: MoeConfig, tokenizer) -> Moe
             f"--config_overrides '{{\"vocab_size\": {len(tokenizer)}}}' (new models) or a matching tokenizer"
         )
     if model_args.model_name_or_path:
-        overrides = parse_config_overrides(model_args.config_overrides)
-        return load_pretrained(MoeForCausalLM, model_args.model_name_or_path, **overrides)
+        return load_pretrained(MoeForCausalLM, model_args.model_name_or_path, config=config)  # overrides applied
     for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
         value = getattr(tokenizer, name)
         if value is not None:
