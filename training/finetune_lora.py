@@ -42,7 +42,7 @@ from transformers import AutoTokenizer, default_data_collator, set_seed
 
 from modeling_moe import MoeConfig, MoeForCausalLM
 from modeling_moe.balancing import RouterBiasUpdateCallback
-from modeling_moe.checkpoint import check_checkpoint_folder, load_pretrained
+from modeling_moe.checkpoint import check_checkpoint_folder, check_routing_fields, load_pretrained, read_config_dict
 from modeling_moe.cli import CliParser, UsageError, check_output_dir, run_cli
 from modeling_moe.hub import atomic_directory, atomic_write_text, check_disjoint, model_card, save_hub_ready
 from training.checkpoints import remove_staging
@@ -218,7 +218,7 @@ def validate_lora_arguments(lora_args: LoraArguments, args: LoraTrainingArgument
         value = getattr(lora_args, name)
         if value is not None and value < 1:
             raise TrainArgumentError(f"--{name} must be >= 1, got {value}")
-    check_checkpoint_folder(path)  # before any data work: routing fields, safetensors only, readable shards
+    check_routing_fields(read_config_dict(path), path / "config.json")  # before the config is built from it
     config = MoeConfig.from_pretrained(str(path))
     if lora_args.lora_r < 1:
         raise TrainArgumentError(f"--lora_r must be an integer >= 1, got {lora_args.lora_r}")
@@ -250,6 +250,7 @@ def validate_lora_arguments(lora_args: LoraArguments, args: LoraTrainingArgument
             )
     check_schedule_and_precision(args)
     args.resume_from_checkpoint = resolve_resume(args.resume_from_checkpoint, args.output_dir)
+    check_checkpoint_folder(path)  # before any data work: safetensors only, readable shards
     return config
 
 
