@@ -116,7 +116,7 @@ def test_finetune_lora_refuses_broken_checkpoints(good, tmp_path):
     for case in ("pickle_only", "no_router_type", "truncated"):
         folder = broken(good, tmp_path, case)
         argv = ["--model_name_or_path", str(folder), "--train_file", "x.txt", "--output_dir", str(tmp_path / "o")]
-        lora_args, _, args = finetune_lora.parse_arguments(parser, argv)
+        lora_args, _, args, *_ = finetune_lora.parse_arguments(parser, argv)
         with pytest.raises(CheckpointError, match=CASES[case]):
             finetune_lora.validate_lora_arguments(lora_args, args)
 
