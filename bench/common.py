@@ -104,6 +104,21 @@ def cpu_model_name() -> str:
     return platform.processor() or platform.machine()
 
 
+CPU_FLAGS_THAT_MATTER = ("avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_flags_that_matter() -> list[str]:
+    """Which of `CPU_FLAGS_THAT_MATTER` /proc/cpuinfo lists (they decide the CPU kernels: bench/RESULTS.md)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                return [f for f in CPU_FLAGS_THAT_MATTER if f in flags]
+    except OSError:
+        pass
+    return []
+
+
 def library_fingerprint() -> dict[str, Any]:
     """Which `modeling_moe` was measured: its folder, the git commit and whether it differs from it, and a
     sha256 over its .py files (the benchmarks may run while the library is being edited)."""
@@ -138,6 +153,7 @@ def env_info(device: torch.device) -> dict[str, Any]:
         "python": platform.python_version(),
         "device": str(device),
         "cpu": cpu_model_name(),
+        "cpu_flags": cpu_flags_that_matter(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
     }

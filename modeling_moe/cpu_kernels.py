@@ -32,6 +32,10 @@ import torch
 import torch.nn.functional as F
 
 KERNEL_ENV = "MOE_CPU_FEW_ROW_KERNEL"
+GROUPED_KERNEL_ENV = "MOE_CPU_GROUPED_KERNEL"
+GROUPED_KERNELS = ("loop", "bmm")
+# The padded batched GEMM computes E * max(counts) rows for N assignments: at most this many times N.
+PADDED_BMM_MAX_ROWS_RATIO = 1.25
 FEW_ROW_KERNELS = ("linear", "vecdot")
 # Offsets in float32 elements off a 64-byte boundary at which `_alignment_invariant` places a copy of the weights
 # (4, 8, 12, 16 and 32 bytes: every power-of-two alignment class a vector kernel's peeling can depend on) and of
@@ -67,6 +71,41 @@ def cpu_vendor() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (e.g. "avx512_bf16", "amx_bf16"); empty where it is absent."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def use_padded_bmm(x_TD: torch.Tensor, counts: list[int]) -> bool:
+    """Whether the grouped experts' GEMMs run as one padded batched GEMM per projection (`torch.bmm` over
+    (E, max(counts), D) zero-padded groups) instead of one GEMM pair per expert.
+
+    "auto" (the default of `MOE_CPU_GROUPED_KERNEL`): bfloat16 on a CPU with AMX (`amx_bf16`), where oneDNN's
+    batched GEMM runs the experts at about the dense FFN's rate and per-expert GEMMs of a few hundred rows do not
+    (bench/RESULTS.md, Intel Xeon with AMX), and only while padding adds at most `PADDED_BMM_MAX_ROWS_RATIO - 1`
+    of the rows. "bmm" or "loop" pins it (bmm: on the CPU, any dtype). A rule of the CPU kind and the counts, never
+    a timing; bfloat16 bmm gives the same bits wherever the weights sit in memory (tested)."""
+    value = os.environ.get(GROUPED_KERNEL_ENV, "auto").strip().lower()
+    if value not in ("auto", *GROUPED_KERNELS):
+        raise ValueError(f"{GROUPED_KERNEL_ENV}={value!r}: expected 'auto' or one of {GROUPED_KERNELS}")
+    if x_TD.device.type != "cpu" or value == "loop" or not counts:
+        return False
+    if value == "bmm":
+        return True
+    n_rows = len(counts) * max(counts)
+    return (
+        x_TD.dtype == torch.bfloat16 and "amx_bf16" in cpu_flags() and n_rows <= PADDED_BMM_MAX_ROWS_RATIO * sum(counts)
+    )
 
 
 def preference_order(vendor: str) -> tuple[str, ...]:
@@ -125,4 +164,14 @@ def few_row_linear(x_nD: torch.Tensor, w_OD: torch.Tensor, b_O: torch.Tensor | N
     return y_nO.add_(b_O) if b_O is not None else y_nO
 
 
-__all__ = ["FEW_ROW_KERNELS", "KERNEL_ENV", "few_row_kernel", "few_row_linear", "vecdot_linear"]
+__all__ = [
+    "FEW_ROW_KERNELS",
+    "GROUPED_KERNELS",
+    "GROUPED_KERNEL_ENV",
+    "KERNEL_ENV",
+    "cpu_flags",
+    "few_row_kernel",
+    "few_row_linear",
+    "use_padded_bmm",
+    "vecdot_linear",
+]

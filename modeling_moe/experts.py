@@ -25,7 +25,7 @@ from transformers.activations import ACT2FN
 from transformers.integrations import use_experts_implementation
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
-from .cpu_kernels import few_row_linear
+from .cpu_kernels import few_row_linear, use_padded_bmm
 from .triton_experts import is_silu, triton_available, triton_experts_forward
 
 
@@ -63,7 +63,14 @@ class GroupedExperts(torch.autograd.Function):
         I = down_EDI.shape[-1]
         gu_per_expert = []
         start = 0
-        for e, n in enumerate(counts):
+        loop_counts = counts
+        if len(order_N) > SMALL_BATCH_ASSIGNMENTS and use_padded_bmm(x_TD, counts):  # not on few-token inputs,
+            # so that a forward's bits do not depend on grad mode (without it they take `few_token_experts_forward`)
+            gu_per_expert = _padded_bmm_forward(
+                y_TD, x_TD, gate_up_EHD, down_EDI, gate_up_bias_EH, down_bias_ED, weight_N1, order_N, counts, K, keep
+            )
+            loop_counts = ()  # done
+        for e, n in enumerate(loop_counts):
             if n == 0:
                 continue
             end = start + n
@@ -144,6 +151,44 @@ class GroupedExperts(torch.autograd.Function):
         dx_TD = dx_TD.to(x_TD.dtype) if need_x else None
         dweights = dweight_N.view(T, K) if need_weights else None
         return dx_TD, dw1, dw2, db1, db2, dweights, None, None, None, None
+
+
+_COMBINE_CHUNK = 256  # tokens per combine step of `_padded_bmm_forward`
+
+
+def _padded_bmm_forward(
+    y_TD, x_TD, gate_up_EHD, down_EDI, gate_up_bias_EH, down_bias_ED, weight_N1, order_N, counts, K, keep
+) -> list[torch.Tensor]:
+    """`GroupedExperts.forward`'s expert loop as two batched GEMMs over the groups padded to P = max(counts)
+    rows: the same sums, added into y_TD (float32 for 16-bit x). Returns each hit expert's (n_e, 2I) gate/up
+    activations (views into one (E, P, 2I) tensor) when `keep`, else []. Padding rows hold copies of token 0
+    and are never read back."""
+    E, D, I = down_EDI.shape
+    T, P, device = x_TD.shape[0], max(counts), x_TD.device
+    counts_E = torch.tensor(counts, device=device)
+    expert_N = torch.repeat_interleave(torch.arange(E, device=device), counts_E)  # (N,), sorted by expert
+    starts_E = torch.cumsum(counts_E, 0) - counts_E
+    slot_N = expert_N * P + torch.arange(len(order_N), device=device) - starts_E[expert_N]  # row of (E*P)
+    token_R = order_N.new_zeros(E * P).index_copy_(0, slot_N, order_N // K)  # (E*P,) token of each padded row
+    x_EPD = x_TD.index_select(0, token_R).view(E, P, D)
+    gu_EPH = _bmm(x_EPD, gate_up_EHD.transpose(1, 2), gate_up_bias_EH)  # (E, P, 2I)
+    h_EPI = F.silu(gu_EPH[..., :I], inplace=not keep).mul_(gu_EPH[..., I:])  # SwiGLU (Shazeer 2020, Eq. 6)
+    y_RD = _bmm(h_EPI, down_EDI.transpose(1, 2), down_bias_ED).view(E * P, D)
+    # combine: y_t += sum_k w_tk * expert(x_t) (Shazeer et al. 2017, Eq. 1) as a gather of each token's K rows and
+    # a (1, K) @ (K, D) product in the accumulation dtype, in chunks of tokens so the (c, K, D) copies stay in
+    # cache; dropped choices read row 0 with weight 0
+    slot_TK = order_N.new_zeros(T * K).index_copy_(0, order_N, slot_N).view(T, K)
+    weight_T1K = weight_N1.new_zeros(T * K).index_copy_(0, order_N, weight_N1.squeeze(-1)).view(T, 1, K)
+    for t0 in range(0, T, _COMBINE_CHUNK):
+        t1 = min(t0 + _COMBINE_CHUNK, T)
+        y_cKD = y_RD.index_select(0, slot_TK[t0:t1].reshape(-1)).view(t1 - t0, K, D).to(y_TD.dtype)
+        y_TD[t0:t1] += torch.bmm(weight_T1K[t0:t1].to(y_TD.dtype), y_cKD).squeeze(1)
+    return [gu_EPH[e, :n] for e, n in enumerate(counts) if n] if keep else []
+
+
+def _bmm(a_EPX, b_EXO, bias_EO):
+    """a @ b (+ the bias of each batch entry, added inside the GEMM as `F.linear` adds it: one rounding)."""
+    return torch.bmm(a_EPX, b_EXO) if bias_EO is None else torch.baddbmm(bias_EO.unsqueeze(1), a_EPX, b_EXO)
 
 
 def _bias(bias, e):
