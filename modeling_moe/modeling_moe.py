@@ -221,6 +221,25 @@ class MoeAttention(nn.Module):
         return self.o_proj(attn_output), attn_weights
 
 
+def _shared_experts(config: MoeConfig) -> tuple[MoeMLP | None, nn.Linear | None]:
+    """The always-on shared experts of an MoE block (DeepSeek-MoE; one MLP of `num_shared_experts` experts'
+    width) and their optional sigmoid gate (Qwen2-MoE), or None for each."""
+    if config.num_shared_experts == 0:
+        return None, None
+    shared = MoeMLP(config, config.shared_expert_intermediate_size)
+    return shared, nn.Linear(config.hidden_size, 1, bias=False) if config.shared_expert_gate else None
+
+
+def _plus_shared_experts(block: nn.Module, x_TD: torch.Tensor, y_TD: torch.Tensor) -> torch.Tensor:
+    """(T, D) routed output + the block's shared-expert output for the (T, D) inputs, gated if it has a gate."""
+    if block.shared_expert is None:
+        return y_TD
+    shared_TD = block.shared_expert(x_TD)
+    if block.shared_expert_gate is not None:
+        shared_TD = torch.sigmoid(block.shared_expert_gate(x_TD)) * shared_TD  # Qwen2-MoE shared gate
+    return y_TD + shared_TD
+
+
 class MoeSparseBlock(nn.Module):
     """Mixture-of-experts FFN: route -> dispatch (capacity) -> experts -> combine, plus optional shared experts.
 
@@ -246,12 +265,7 @@ class MoeSparseBlock(nn.Module):
         self.dispatcher = MoeDispatcher(config)
         # weight-only quantized experts (quantized_experts.py) when the config records a scheme
         self.experts = MoeExperts(config) if config.expert_quantization is None else QuantizedMoeExperts(config)
-        self.shared_expert = None
-        self.shared_expert_gate = None
-        if config.num_shared_experts > 0:
-            self.shared_expert = MoeMLP(config, config.shared_expert_intermediate_size)
-            if config.shared_expert_gate:
-                self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
+        self.shared_expert, self.shared_expert_gate = _shared_experts(config)
 
     def capacity_factor(self) -> float | None:
         """The capacity factor in force for the current mode, or None for dropless routing."""
@@ -285,11 +299,7 @@ class MoeSparseBlock(nn.Module):
         )
         # 3 + 4. experts on sorted groups, weighted and summed back per token
         y_TD = self.experts(x_TD, indices_TK, weights_TK)
-        if self.shared_expert is not None:
-            shared_TD = self.shared_expert(x_TD)
-            if self.shared_expert_gate is not None:
-                shared_TD = torch.sigmoid(self.shared_expert_gate(x_TD)) * shared_TD  # Qwen2-MoE shared gate
-            y_TD = y_TD + shared_TD
+        y_TD = _plus_shared_experts(self, x_TD, y_TD)
         return y_TD.view(B, S, D)
 
 
@@ -314,12 +324,7 @@ class SoftMoeBlock(nn.Module):
         self.router = SoftMoeRouter(config)
         self.dispatcher = MoeDispatcher(config)  # records the routing only
         self.experts = MoeExperts(config) if config.expert_quantization is None else QuantizedMoeExperts(config)
-        self.shared_expert = None
-        self.shared_expert_gate = None
-        if config.num_shared_experts > 0:
-            self.shared_expert = MoeMLP(config, config.shared_expert_intermediate_size)
-            if config.shared_expert_gate:
-                self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
+        self.shared_expert, self.shared_expert_gate = _shared_experts(config)
 
     def group_size(self) -> int:
         """G in force for the current mode: 1 in generation, else the training or eval group size."""
@@ -354,11 +359,7 @@ class SoftMoeBlock(nn.Module):
         self.dispatcher(
             indices_TE, router_logits_TE.softmax(-1), None, None, None, token_mask.reshape(-1), already_dispatched=True
         )
-        if self.shared_expert is not None:
-            shared_TD = self.shared_expert(x_TD)
-            if self.shared_expert_gate is not None:
-                shared_TD = torch.sigmoid(self.shared_expert_gate(x_TD)) * shared_TD  # Qwen2-MoE shared gate
-            y_TD = y_TD + shared_TD
+        y_TD = _plus_shared_experts(self, x_TD, y_TD)
         return y_TD.view(B, S, D)
 
 
