@@ -23,7 +23,8 @@ NEWEST="$("$PY" -c 'import transformers; print(transformers.__version__)')"
 
 # Each run also loads a folder saved under its release with the other release (tests/test_transformers_compat.py).
 echo "test: transformers $NEWEST (the newest release pyproject.toml allows)"
-MOE_COMPAT_PYTHONS="$(realpath "$OLD_PY")" "$PY" -m pytest -q "$@"
+# (absolute paths to the venvs' own interpreters: resolving their symlinks would leave the venv)
+MOE_COMPAT_PYTHONS="$(cd "$OLDEST_VENV/bin" && pwd)/python" "$PY" -m pytest -q "$@"
 echo "test: transformers $OLDEST (the oldest release pyproject.toml allows)"
-MOE_COMPAT_PYTHONS="$(realpath "$PY")" "$OLD_PY" -m pytest -q "$@"
+MOE_COMPAT_PYTHONS="$(cd "$VENV/bin" && pwd)/python" "$OLD_PY" -m pytest -q "$@"
 echo "test: passed on transformers $NEWEST and $OLDEST"
