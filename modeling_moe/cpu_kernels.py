@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import os
 import platform
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -34,13 +35,17 @@ import torch.nn.functional as F
 KERNEL_ENV = "MOE_CPU_FEW_ROW_KERNEL"
 GROUPED_KERNEL_ENV = "MOE_CPU_GROUPED_KERNEL"
 GROUPED_KERNELS = ("loop", "bmm")
-# The padded batched GEMM computes E * max(counts) rows for N assignments: at most this many times N.
+# The padded batched GEMM computes E * max(counts) rows for N assignments: at most this many times N (more rows
+# than `FEW_ROWS_MAX_P` per expert; below it the weight bytes, not the rows, are the cost).
 PADDED_BMM_MAX_ROWS_RATIO = 1.25
+FEW_ROWS_MAX_P = 16
+# Elements of the (c, P, 2I) intermediate of one batched call over c experts (16 MiB in bfloat16).
+PADDED_CHUNK_ELEMENTS = 1 << 23
 FEW_ROW_KERNELS = ("linear", "vecdot")
-# Offsets in float32 elements off a 64-byte boundary at which `_alignment_invariant` places a copy of the weights
-# (4, 8, 12, 16 and 32 bytes: every power-of-two alignment class a vector kernel's peeling can depend on) and of
-# the input rows.
-_WEIGHT_OFFSETS = (1, 2, 3, 4, 8)
+# Offsets in elements off a 64-byte boundary at which `_alignment_invariant` places a copy of the weights (in
+# float32 4, 8, 12, 16, 32 and 64 bytes, in bfloat16 half that: every power-of-two alignment class a vector
+# kernel's peeling can depend on) and of the input rows.
+_WEIGHT_OFFSETS = (1, 2, 3, 4, 8, 16)
 _INPUT_OFFSETS = (1, 3)
 # The check runs on at most this many weight rows: a row's dot product runs over D whatever O is, and the copies
 # stay small for large experts.
@@ -61,6 +66,7 @@ def _linear_no_bias(x_nD: torch.Tensor, w_OD: torch.Tensor) -> torch.Tensor:
 _KERNELS = {"linear": _linear_no_bias, "vecdot": vecdot_linear}
 
 
+@functools.cache
 def cpu_vendor() -> str:
     """The CPU vendor string ("GenuineIntel", "AuthenticAMD", ...) from /proc/cpuinfo, else `platform`'s."""
     try:
@@ -86,25 +92,85 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
-def use_padded_bmm(x_TD: torch.Tensor, counts: list[int]) -> bool:
-    """Whether the grouped experts' GEMMs run as one padded batched GEMM per projection (`torch.bmm` over
-    (E, max(counts), D) zero-padded groups) instead of one GEMM pair per expert.
+@dataclass(frozen=True)
+class PaddedPlan:
+    """How `experts.PaddedExperts` runs the grouped experts: the groups zero-padded to P = max(counts) rows and
+    each projection as batched GEMMs over `experts_per_call` experts at a time.
 
-    "auto" (the default of `MOE_CPU_GROUPED_KERNEL`): bfloat16 on a CPU with AMX (`amx_bf16`), where oneDNN's
-    batched GEMM runs the experts at about the dense FFN's rate and per-expert GEMMs of a few hundred rows do not
-    (bench/RESULTS.md, Intel Xeon with AMX), and only while padding adds at most `PADDED_BMM_MAX_ROWS_RATIO - 1`
-    of the rows. "bmm" or "loop" pins it (bmm: on the CPU, any dtype). A rule of the CPU kind and the counts, never
-    a timing; bfloat16 bmm gives the same bits wherever the weights sit in memory (tested)."""
+    orientation  "xw": x_EPD @ W^T -> (E, P, O), the weights transposed; "wx": W @ x_EPD^T -> (E, O, P), the
+                 weights as stored: bfloat16 on AMX with a few rows per expert, where oneDNN then reads the weights
+                 at about the rate of one sum over them (1.6x faster than "xw"). With many rows "wx" leaves the
+                 SwiGLU and the backward on transposed activations, which costs more than it gains. The backward
+                 always multiplies by the weights as stored (dy @ W), the faster form in both dtypes.
+    experts_per_call  experts per `torch.bmm`: the (c, P, 2I) intermediate stays within `PADDED_CHUNK_ELEMENTS`
+                 (16 MiB in bfloat16), where one call over all E experts would page-fault and spill the cache.
+    """
+
+    orientation: str
+    experts_per_call: int
+
+
+def padded_plan(x_TD: torch.Tensor, counts: list[int], intermediate: int) -> PaddedPlan | None:
+    """How the grouped experts' GEMMs run on this CPU for these routing counts: a `PaddedPlan` (batched GEMMs
+    over the zero-padded groups) or None (one GEMM pair per expert, `experts.GroupedExperts`).
+
+    "auto" (the default of `MOE_CPU_GROUPED_KERNEL`), a rule of the CPU kind, the dtype and the counts, never a
+    timing (measurements: bench/RESULTS.md, Intel Xeon with AMX):
+      - few rows per expert (P <= `FEW_ROWS_MAX_P`, decode-sized batches): moving the weights is the cost, and
+        one batched call reads them at about the rate of a sum over them, where a GEMM pair per expert pays a
+        call and a thread fork-join per expert. Taken when the routing hits at least half of the experts (the
+        batched call reads every expert) with bfloat16 on AMX ("wx") or float32 on a CPU whose few-row kernel
+        is MKL's (`preference_order`, "xw");
+      - more rows: bfloat16 on AMX, while padding adds at most `PADDED_BMM_MAX_ROWS_RATIO - 1` of the rows
+        ("xw"): oneDNN's batched GEMM over a few experts at a time runs faster than per-expert GEMMs of a few
+        hundred rows. float32 keeps the loop (the batched GEMM is no faster there).
+    A batched form is used only where its bits do not depend on where the weights and rows sit in memory
+    (`_alignment_invariant`, as for the few-row kernel), so a checkpoint reloaded from safetensors gives the
+    same logits. "bmm" (any dtype; "wx" for bfloat16 with few rows, else "xw") or "loop" pins it."""
     value = os.environ.get(GROUPED_KERNEL_ENV, "auto").strip().lower()
     if value not in ("auto", *GROUPED_KERNELS):
         raise ValueError(f"{GROUPED_KERNEL_ENV}={value!r}: expected 'auto' or one of {GROUPED_KERNELS}")
-    if x_TD.device.type != "cpu" or value == "loop" or not counts:
-        return False
+    if x_TD.device.type != "cpu" or value == "loop" or not counts or not any(counts):
+        return None
+    E, P, D = len(counts), max(counts), x_TD.shape[-1]
+    chunk = max(1, min(E, PADDED_CHUNK_ELEMENTS // (P * 2 * intermediate)))
+    few_rows = P <= FEW_ROWS_MAX_P
     if value == "bmm":
-        return True
-    n_rows = len(counts) * max(counts)
-    return (
-        x_TD.dtype == torch.bfloat16 and "amx_bf16" in cpu_flags() and n_rows <= PADDED_BMM_MAX_ROWS_RATIO * sum(counts)
+        return PaddedPlan("wx" if few_rows and x_TD.dtype == torch.bfloat16 else "xw", chunk)
+    amx_bf16 = x_TD.dtype == torch.bfloat16 and "amx_bf16" in cpu_flags()
+    if few_rows:
+        if 2 * sum(n > 0 for n in counts) < E:
+            return None
+        mkl_fp32 = x_TD.dtype == torch.float32 and preference_order(cpu_vendor())[0] == "linear"
+        orientation = "wx" if amx_bf16 else "xw" if mkl_fp32 else None
+    else:
+        orientation = "xw" if amx_bf16 and E * P <= PADDED_BMM_MAX_ROWS_RATIO * sum(counts) else None
+    if orientation is None or not _bmm_eligible(orientation, x_TD.dtype, P, 2 * intermediate, D):
+        return None
+    return PaddedPlan(orientation, chunk)
+
+
+def padded_matmul(x_cPX: torch.Tensor, w_cOX: torch.Tensor, bias_cO: torch.Tensor | None, orientation: str, out=None):
+    """x @ w^T (+ bias) over a batch of experts, (c, P, O) in the plan's orientation's memory layout: "xw" gives a
+    contiguous (c, P, O), "wx" the transpose of a contiguous (c, O, P). `out` (optional) is that contiguous
+    buffer: (c, P, O) for "xw", (c, O, P) for "wx"."""
+    if orientation == "xw":
+        w_cXO = w_cOX.transpose(1, 2)
+        if bias_cO is None:
+            return torch.bmm(x_cPX, w_cXO, out=out)
+        return torch.baddbmm(bias_cO.unsqueeze(1), x_cPX, w_cXO, out=out)
+    x_cXP = x_cPX.transpose(1, 2)
+    if bias_cO is None:
+        y_cOP = torch.bmm(w_cOX, x_cXP, out=out)
+    else:
+        y_cOP = torch.baddbmm(bias_cO.unsqueeze(2), w_cOX, x_cXP, out=out)
+    return y_cOP.transpose(1, 2)
+
+
+@functools.cache
+def _bmm_eligible(orientation: str, dtype: torch.dtype, P: int, O: int, D: int) -> bool:
+    return _alignment_invariant(
+        lambda x_nD, w_OD: padded_matmul(x_nD.unsqueeze(0), w_OD.unsqueeze(0), None, orientation)[0], P, O, D, dtype
     )
 
 
@@ -118,19 +184,20 @@ def _shifted(t: torch.Tensor, offset: int) -> torch.Tensor:
     return torch.empty(t.numel() + offset, dtype=t.dtype)[offset:].view_as(t).copy_(t)
 
 
-def _alignment_invariant(kernel: str, n: int, O: int, D: int) -> bool:
-    """Whether `kernel` gives the same bits for (n, D) rows times (O, D) weights wherever either operand sits in
-    memory: random operands, each placed at several offsets off a cache line, compared bitwise (on the first
-    `_PROBE_ROWS` weight rows)."""
-    fn = _KERNELS[kernel]
+def _alignment_invariant(kernel, n: int, O: int, D: int, dtype: torch.dtype = torch.float32) -> bool:
+    """Whether `kernel` (a name of `_KERNELS`, or a callable (x_nD, w_OD) -> (n, O)) gives the same bits for
+    (n, D) rows times (O, D) weights wherever either operand sits in memory: random operands, each placed at
+    several offsets off a cache line, compared bitwise (on the first `_PROBE_ROWS` weight rows)."""
+    fn = _KERNELS[kernel] if isinstance(kernel, str) else kernel
     generator = torch.Generator().manual_seed(0)
-    w_OD = torch.randn(min(O, _PROBE_ROWS), D, generator=generator)
-    x_nD = torch.randn(n, D, generator=generator)
+    w_OD = torch.randn(min(O, _PROBE_ROWS), D, generator=generator).to(dtype)
+    x_nD = torch.randn(n, D, generator=generator).to(dtype)
     reference = fn(x_nD, w_OD)
     shifted = [(x_nD, _shifted(w_OD, off)) for off in _WEIGHT_OFFSETS] + [
         (_shifted(x_nD, off), w_OD) for off in _INPUT_OFFSETS
     ]
-    return all(torch.equal(fn(x, w), reference) for x, w in shifted)
+    with torch.no_grad():
+        return all(torch.equal(fn(x, w), reference) for x, w in shifted)
 
 
 def _pinned_kernel() -> str | None:
@@ -169,9 +236,11 @@ __all__ = [
     "GROUPED_KERNELS",
     "GROUPED_KERNEL_ENV",
     "KERNEL_ENV",
+    "PaddedPlan",
     "cpu_flags",
     "few_row_kernel",
     "few_row_linear",
-    "use_padded_bmm",
+    "padded_matmul",
+    "padded_plan",
     "vecdot_linear",
 ]

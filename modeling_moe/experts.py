@@ -25,7 +25,7 @@ from transformers.activations import ACT2FN
 from transformers.integrations import use_experts_implementation
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
-from .cpu_kernels import few_row_linear, use_padded_bmm
+from .cpu_kernels import few_row_linear, padded_matmul, padded_plan
 from .triton_experts import is_silu, triton_available, triton_experts_forward
 
 
@@ -63,14 +63,7 @@ class GroupedExperts(torch.autograd.Function):
         I = down_EDI.shape[-1]
         gu_per_expert = []
         start = 0
-        loop_counts = counts
-        if len(order_N) > SMALL_BATCH_ASSIGNMENTS and use_padded_bmm(x_TD, counts):  # not on few-token inputs,
-            # so that a forward's bits do not depend on grad mode (without it they take `few_token_experts_forward`)
-            gu_per_expert = _padded_bmm_forward(
-                y_TD, x_TD, gate_up_EHD, down_EDI, gate_up_bias_EH, down_bias_ED, weight_N1, order_N, counts, K, keep
-            )
-            loop_counts = ()  # done
-        for e, n in enumerate(loop_counts):
+        for e, n in enumerate(counts):
             if n == 0:
                 continue
             end = start + n
@@ -153,42 +146,150 @@ class GroupedExperts(torch.autograd.Function):
         return dx_TD, dw1, dw2, db1, db2, dweights, None, None, None, None
 
 
-_COMBINE_CHUNK = 256  # tokens per combine step of `_padded_bmm_forward`
+_COMBINE_CHUNK = 256  # tokens per combine step of `PaddedExperts`
 
 
-def _padded_bmm_forward(
-    y_TD, x_TD, gate_up_EHD, down_EDI, gate_up_bias_EH, down_bias_ED, weight_N1, order_N, counts, K, keep
-) -> list[torch.Tensor]:
-    """`GroupedExperts.forward`'s expert loop as two batched GEMMs over the groups padded to P = max(counts)
-    rows: the same sums, added into y_TD (float32 for 16-bit x). Returns each hit expert's (n_e, 2I) gate/up
-    activations (views into one (E, P, 2I) tensor) when `keep`, else []. Padding rows hold copies of token 0
-    and are never read back."""
-    E, D, I = down_EDI.shape
-    T, P, device = x_TD.shape[0], max(counts), x_TD.device
+class PaddedExperts(torch.autograd.Function):
+    """`GroupedExperts`' computation as batched GEMMs: the expert groups zero-padded to P = max(counts) rows,
+    (E, P, D), and each projection one `torch.bmm` per `plan.experts_per_call` experts, in the forward and in the
+    backward (`cpu_kernels.padded_plan` says where this is faster than one GEMM pair per expert, and why).
+
+    Same inputs as `GroupedExperts` plus `plan` (a `cpu_kernels.PaddedPlan`), and the same result. Padding rows
+    are zeros and get a routing weight of 0: they add nothing to the output, and since their rows of dL/dy are
+    zero they add exactly nothing to any gradient (a non-finite token cannot leak into them). Saved for the
+    backward: the (E, P, 2I) gate/up activations (in the plan's layout); the padded inputs are gathered again.
+    The routing weights' gradient is dL/dw = <dL/dy_t W2, h> (+ <dL/dy_t, b2>), as in `GroupedExperts`.
+    """
+
+    @staticmethod
+    def forward(
+        ctx, x_TD, gate_up_EHD, down_EDI, gate_up_bias_EH, down_bias_ED, weights_TK, order_N, counts, K, grad, plan
+    ):
+        T, D = x_TD.shape
+        E, _, I = down_EDI.shape
+        P, c, orientation = max(counts), plan.experts_per_call, plan.orientation
+        acc_dtype = torch.promote_types(x_TD.dtype, weights_TK.dtype)  # float32 for 16-bit x and router weights
+        keep = grad and any(ctx.needs_input_grad[:6])
+        slot_N, slot_TK = _padded_layout(order_N, counts, K, T, P)
+        token_N = order_N // K
+        # the combine's weights, a dropped choice's zeroed, and the sorted ones for the backward: built before the
+        # GEMMs, which stream the weights through the cache (small ops after them run cold)
+        weight_T1K = torch.where(slot_TK == E * P, 0, weights_TK).to(acc_dtype).unsqueeze(1)  # (T, 1, K)
+        weight_N = weights_TK.reshape(-1).index_select(0, order_N)  # (N,)
+        x_EPD = _padded_rows(x_TD, token_N, slot_N, E * P).view(E, P, D)
+        # the (E, P, 2I) activations when the backward needs them, in the plan's layout (see padded_matmul)
+        gu_all = x_TD.new_empty((E, P, 2 * I) if orientation == "xw" else (E, 2 * I, P)) if keep else None
+        y_RD = x_TD.new_empty(E * P + 1, D)  # the padded rows' outputs, then one zero row for dropped choices
+        y_RD[-1].zero_()
+        y_EPD = y_RD[:-1].view(E, P, D)
+        for e0 in range(0, E, c):
+            e = slice(e0, min(E, e0 + c))
+            gu_out = None if gu_all is None else gu_all[e]
+            gu_cPH = padded_matmul(x_EPD[e], gate_up_EHD[e], _bias(gate_up_bias_EH, e), orientation, out=gu_out)
+            h_cPI = F.silu(gu_cPH[..., :I], inplace=not keep).mul_(gu_cPH[..., I:])  # SwiGLU (Shazeer 2020, Eq. 6)
+            if orientation == "xw":  # straight into the output rows
+                padded_matmul(h_cPI, down_EDI[e], _bias(down_bias_ED, e), orientation, out=y_EPD[e])
+            else:
+                y_EPD[e] = padded_matmul(h_cPI, down_EDI[e], _bias(down_bias_ED, e), orientation)
+        # combine: y_t = sum_k w_tk * expert(x_t) (Shazeer et al. 2017, Eq. 1) as a gather of each token's K rows
+        # and a (1, K) @ (K, D) product in the accumulation dtype, in chunks of tokens so the (c, K, D) copies stay
+        # in cache; a dropped choice reads the zero row with weight 0
+        out_TD = torch.empty(T, D, dtype=x_TD.dtype, device=x_TD.device)
+        for t0 in range(0, T, _COMBINE_CHUNK):
+            t1 = min(t0 + _COMBINE_CHUNK, T)
+            y_cKD = y_RD.index_select(0, slot_TK[t0:t1].reshape(-1)).view(t1 - t0, K, D).to(acc_dtype)
+            out_TD[t0:t1] = torch.bmm(weight_T1K[t0:t1], y_cKD).squeeze(1)
+        saved = (gu_all,) if keep else ()
+        ctx.save_for_backward(x_TD, gate_up_EHD, down_EDI, down_bias_ED, weight_N, order_N, slot_N, *saved)
+        ctx.counts, ctx.K, ctx.plan = counts, K, plan
+        return out_TD
+
+    @staticmethod
+    def backward(ctx, dy_TD):
+        x_TD, gate_up_EHD, down_EDI, down_bias_ED, weight_N, order_N, slot_N, gu_all = ctx.saved_tensors
+        K, (T, D), (E, _, I) = ctx.K, x_TD.shape, down_EDI.shape
+        P, c, R = max(ctx.counts), ctx.plan.experts_per_call, E * max(ctx.counts)
+        need_x, need_w1, need_w2, need_b1, need_b2, need_weights = ctx.needs_input_grad[:6]
+        acc_dtype = torch.promote_types(x_TD.dtype, torch.float32)
+        token_N = order_N // K
+        x_EPD = _padded_rows(x_TD, token_N, slot_N, R).view(E, P, D)
+        dy_EPD = _padded_rows(dy_TD.contiguous(), token_N, slot_N, R).view(E, P, D)  # before the routing weight
+        w_EP1 = weight_N.new_zeros(R).index_copy_(0, slot_N, weight_N).view(E, P, 1).to(dy_TD.dtype)  # padding: 0
+        # (E, P, 2I) contiguous: "wx" saved it transposed, and is only used with a few rows (a small copy)
+        gu_EPH = gu_all if ctx.plan.orientation == "xw" else gu_all.transpose(1, 2).contiguous()
+        dx_EPD = torch.empty_like(x_EPD) if need_x else None
+        dw1 = torch.empty_like(gate_up_EHD) if need_w1 else None
+        dw2 = torch.empty_like(down_EDI) if need_w2 else None
+        db1 = gate_up_EHD.new_empty(gate_up_EHD.shape[:2]) if need_b1 else None  # (E, 2I)
+        db2 = down_EDI.new_empty(down_EDI.shape[:2]) if need_b2 else None  # (E, D)
+        dweight_EP = torch.empty(E, P, dtype=weight_N.dtype, device=x_TD.device) if need_weights else None
+        for e0 in range(0, E, c):
+            e = slice(e0, min(E, e0 + c))
+            gate, up = gu_EPH[e, :, :I], gu_EPH[e, :, I:]
+            act = F.silu(gate)  # (c, P, I)
+            h = act * up
+            dy = dy_EPD[e]
+            dh = torch.bmm(dy, down_EDI[e])  # (c, P, I); the weights as stored (cpu_kernels.PaddedPlan)
+            if need_weights:  # dL/dw = <dy, h W2^T + b2> = <dy W2, h> + <dy, b2>
+                dweight = torch.linalg.vecdot(dh, h).float()
+                if down_bias_ED is not None:
+                    dweight += torch.linalg.vecdot(dy, down_bias_ED[e].unsqueeze(1)).float()
+                dweight_EP[e] = dweight
+            w = w_EP1[e]
+            dy = dy * w  # through the routing weight
+            dh.mul_(w)
+            if need_w2:
+                torch.bmm(dy.transpose(1, 2), h, out=dw2[e])  # dL/dW2 = dy^T h
+            if need_b2:
+                torch.sum(dy, dim=1, out=db2[e])
+            dgu = torch.empty(*h.shape[:2], 2 * I, dtype=h.dtype, device=h.device)
+            torch.mul(dh, act, out=dgu[..., I:])  # d up = dh * silu(g)
+            d_gate = torch.mul(dh, up, out=dgu[..., :I])  # d gate = dh * up * silu'(g), ATen's fused kernel
+            torch.ops.aten.silu_backward.grad_input(d_gate, gate, grad_input=d_gate)
+            if need_w1:
+                torch.bmm(dgu.transpose(1, 2), x_EPD[e], out=dw1[e])  # dL/dW1 = dgu^T x
+            if need_b1:
+                torch.sum(dgu, dim=1, out=db1[e])
+            if need_x:
+                torch.bmm(dgu, gate_up_EHD[e], out=dx_EPD[e])  # dL/dx = dgu W1
+        dx_TD = None
+        if need_x:  # summed over each token's k assignments; padding rows are never read
+            dx_ND = dx_EPD.view(R, D).index_select(0, slot_N)
+            dx_TD = torch.zeros(T, D, dtype=acc_dtype, device=x_TD.device).index_add_(0, token_N, dx_ND.to(acc_dtype))
+            dx_TD = dx_TD.to(x_TD.dtype)
+        dweights = None
+        if need_weights:  # dropped assignments: 0
+            dweight_N = dweight_EP.view(R).index_select(0, slot_N)
+            dweights = weight_N.new_zeros(T * K).index_copy_(0, order_N, dweight_N).view(T, K)
+        return dx_TD, dw1, dw2, db1, db2, dweights, None, None, None, None, None
+
+
+# At most this many assignments, `_padded_layout` builds its indices from host ints (one decode step) instead of
+# a dozen tiny kernels.
+_HOST_LAYOUT_MAX = 256
+
+
+def _padded_layout(order_N: torch.Tensor, counts: list[int], K: int, T: int, P: int):
+    """Where each assignment sits in the (E*P) padded rows: slot_N (N,) for the expert-sorted assignments (expert
+    e's n_e assignments take rows e*P .. e*P + n_e - 1) and slot_TK (T, K) for each token's k-th choice (E*P,
+    one row past the padded ones, for a dropped choice)."""
+    E, N, device = len(counts), len(order_N), order_N.device
+    if N <= _HOST_LAYOUT_MAX:
+        slots = [e * P + j for e, n in enumerate(counts) for j in range(n)]
+        slot_flat = [E * P] * (T * K)
+        for o, slot in zip(order_N.tolist(), slots):
+            slot_flat[o] = slot
+        return torch.tensor(slots, device=device), torch.tensor(slot_flat, device=device).view(T, K)
     counts_E = torch.tensor(counts, device=device)
-    expert_N = torch.repeat_interleave(torch.arange(E, device=device), counts_E)  # (N,), sorted by expert
-    starts_E = torch.cumsum(counts_E, 0) - counts_E
-    slot_N = expert_N * P + torch.arange(len(order_N), device=device) - starts_E[expert_N]  # row of (E*P)
-    token_R = order_N.new_zeros(E * P).index_copy_(0, slot_N, order_N // K)  # (E*P,) token of each padded row
-    x_EPD = x_TD.index_select(0, token_R).view(E, P, D)
-    gu_EPH = _bmm(x_EPD, gate_up_EHD.transpose(1, 2), gate_up_bias_EH)  # (E, P, 2I)
-    h_EPI = F.silu(gu_EPH[..., :I], inplace=not keep).mul_(gu_EPH[..., I:])  # SwiGLU (Shazeer 2020, Eq. 6)
-    y_RD = _bmm(h_EPI, down_EDI.transpose(1, 2), down_bias_ED).view(E * P, D)
-    # combine: y_t += sum_k w_tk * expert(x_t) (Shazeer et al. 2017, Eq. 1) as a gather of each token's K rows and
-    # a (1, K) @ (K, D) product in the accumulation dtype, in chunks of tokens so the (c, K, D) copies stay in
-    # cache; dropped choices read row 0 with weight 0
-    slot_TK = order_N.new_zeros(T * K).index_copy_(0, order_N, slot_N).view(T, K)
-    weight_T1K = weight_N1.new_zeros(T * K).index_copy_(0, order_N, weight_N1.squeeze(-1)).view(T, 1, K)
-    for t0 in range(0, T, _COMBINE_CHUNK):
-        t1 = min(t0 + _COMBINE_CHUNK, T)
-        y_cKD = y_RD.index_select(0, slot_TK[t0:t1].reshape(-1)).view(t1 - t0, K, D).to(y_TD.dtype)
-        y_TD[t0:t1] += torch.bmm(weight_T1K[t0:t1].to(y_TD.dtype), y_cKD).squeeze(1)
-    return [gu_EPH[e, :n] for e, n in enumerate(counts) if n] if keep else []
+    offset_E = torch.arange(E, device=device) * P - (torch.cumsum(counts_E, 0) - counts_E)  # e*P - start_e
+    slot_N = torch.arange(N, device=device) + torch.repeat_interleave(offset_E, counts_E, output_size=N)
+    slot_TK = torch.full((T * K,), E * P, dtype=slot_N.dtype, device=device).index_copy_(0, order_N, slot_N)
+    return slot_N, slot_TK.view(T, K)
 
 
-def _bmm(a_EPX, b_EXO, bias_EO):
-    """a @ b (+ the bias of each batch entry, added inside the GEMM as `F.linear` adds it: one rounding)."""
-    return torch.bmm(a_EPX, b_EXO) if bias_EO is None else torch.baddbmm(bias_EO.unsqueeze(1), a_EPX, b_EXO)
+def _padded_rows(src_TD: torch.Tensor, token_N: torch.Tensor, slot_N: torch.Tensor, R: int) -> torch.Tensor:
+    """(R, D): row slot_N[i] holds src_TD[token_N[i]], every other (padding) row is zero."""
+    return src_TD.new_zeros(R, src_TD.shape[1]).index_copy_(0, slot_N, src_TD.index_select(0, token_N))
 
 
 def _bias(bias, e):
@@ -400,8 +501,11 @@ def grouped_experts_forward(
     n_routed = sum(counts)
     order_N = order_N[:n_routed]  # dropped assignments sorted last: cut them
     if is_silu(act_fn):
-        args = (x_TD, gate_up_proj_EHD, down_proj_EDI, *biases, weights_TK, order_N, counts, K)
-        return GroupedExperts.apply(*args, torch.is_grad_enabled())
+        args = (x_TD, gate_up_proj_EHD, down_proj_EDI, *biases, weights_TK, order_N, counts, K, torch.is_grad_enabled())
+        # not on few-token inputs, so that a forward's bits do not depend on grad mode (without it they take
+        # `few_token_experts_forward`, whose kernels GroupedExperts shares)
+        plan = padded_plan(x_TD, counts, down_proj_EDI.shape[-1]) if n_routed > SMALL_BATCH_ASSIGNMENTS else None
+        return PaddedExperts.apply(*args, plan) if plan is not None else GroupedExperts.apply(*args)
     slots = _grouped_autograd(x_TD, gate_up_proj_EHD, down_proj_EDI, *biases, order_N, counts, K, act_fn)
     # Combine: each token's k slot outputs weighted and summed in one batched matmul, (T, 1, K) @ (T, K, D)
     T, D = x_TD.shape

@@ -53,15 +53,9 @@ def test_a_bad_pin_names_the_variable(monkeypatch):
         few_row_kernel(1, 8, 8)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("bias", [False, True])
-def test_padded_bmm_grouped_path_matches_the_loop_path(monkeypatch, dtype, bias):
-    """The grouped experts' padded batched GEMM ("bmm") computes what the per-expert loop ("loop") does, outputs
-    and gradients, with a dropped assignment and an expert no token picked."""
-    from modeling_moe.experts import grouped_experts_forward
-
-    E, D, I, T, K = 4, 16, 12, 10, 2
-    g = torch.Generator().manual_seed(0)
+def _experts_case(dtype, bias, E=4, D=16, I=12, T=10, K=2, seed=0):
+    """Random experts and a routing with a dropped assignment and an expert no token picked."""
+    g = torch.Generator().manual_seed(seed)
     x = torch.randn(T, D, generator=g).to(dtype).requires_grad_()
     gate_up = (torch.randn(E, 2 * I, D, generator=g) * D**-0.5).to(dtype).requires_grad_()
     down = (torch.randn(E, D, I, generator=g) * I**-0.5).to(dtype).requires_grad_()
@@ -70,32 +64,165 @@ def test_padded_bmm_grouped_path_matches_the_loop_path(monkeypatch, dtype, bias)
     indices = torch.randint(0, E - 1, (T, K), generator=g)  # expert E-1 is never picked
     indices[0, 1] = E  # dropped
     weights = torch.rand(T, K, generator=g, requires_grad=True)
-    params = [t for t in (x, gate_up, down, weights, b1, b2) if t is not None]
     grad = torch.randn(T, D, generator=g).to(dtype)
+    return x, gate_up, down, b1, b2, indices, weights, grad
+
+
+def _close(got, expected, dtype):
+    fp32 = dtype == torch.float32
+    torch.testing.assert_close(got, expected, atol=1e-5 if fp32 else 2e-2, rtol=1e-4 if fp32 else 2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("orientation", ["xw", "wx"])
+@pytest.mark.parametrize("experts_per_call", [1, 3, 4])
+def test_padded_experts_match_the_loop(dtype, bias, orientation, experts_per_call):
+    """`PaddedExperts` (batched GEMMs over zero-padded groups) computes what `GroupedExperts` (one GEMM pair per
+    expert) does, outputs and every gradient, in both layouts and with the experts split over several calls."""
+    from modeling_moe.cpu_kernels import PaddedPlan
+    from modeling_moe.experts import GroupedExperts, PaddedExperts
+
+    x, gate_up, down, b1, b2, indices, weights, grad = _experts_case(dtype, bias)
+    K, E = indices.shape[1], gate_up.shape[0]
+    flat = indices.reshape(-1)
+    counts = torch.bincount(flat, minlength=E + 1)[:E].tolist()
+    order = torch.argsort(flat, stable=True)[: sum(counts)]
+    params = [t for t in (x, gate_up, down, weights, b1, b2) if t is not None]
+    args = (x, gate_up, down, b1, b2, weights, order, counts, K, True)
+    expected = GroupedExperts.apply(*args)
+    got = PaddedExperts.apply(*args, PaddedPlan(orientation, experts_per_call))
+    _close(got, expected, dtype)
+    for g_got, g_expected in zip(torch.autograd.grad(got, params, grad), torch.autograd.grad(expected, params, grad)):
+        _close(g_got, g_expected, dtype)
+    with torch.no_grad():  # without a backward: SwiGLU in place, nothing saved
+        _close(PaddedExperts.apply(*args[:-1], False, PaddedPlan(orientation, experts_per_call)), expected, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_padded_experts_padding_leaks_nothing_from_a_non_finite_token(dtype):
+    """Padding rows are zeros, not copies of a token: a token of infinities (routed to one expert only) gives
+    non-finite values in its own rows and its expert's weight gradients, and nowhere else."""
+    from modeling_moe.cpu_kernels import PaddedPlan
+    from modeling_moe.experts import PaddedExperts
+
+    x, gate_up, down, _, _, _, weights, grad = _experts_case(dtype, False)
+    T, K, E = x.shape[0], 2, gate_up.shape[0]
+    indices = torch.tensor([[0, 1]] + [[1 + t % 2, 1 + (t + 1) % 2] for t in range(1, T)])  # token 0: experts 0, 1
+    indices[0, 1] = E  # token 0 only reaches expert 0
+    x = x.detach().clone()
+    x[0] = float("inf")
+    x.requires_grad_()
+    flat = indices.reshape(-1)
+    counts = torch.bincount(flat, minlength=E + 1)[:E].tolist()
+    order = torch.argsort(flat, stable=True)[: sum(counts)]
+    y = PaddedExperts.apply(x, gate_up, down, None, None, weights, order, counts, K, True, PaddedPlan("xw", 1))
+    dx, dw1, dw2 = torch.autograd.grad(y, (x, gate_up, down), grad)
+    assert torch.isfinite(y[1:]).all() and torch.isfinite(dx[1:]).all()
+    assert torch.isfinite(dw1[1:]).all() and torch.isfinite(dw2[1:]).all()  # experts 1.. never saw token 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_padded_bmm_grouped_path_matches_the_loop_path(monkeypatch, dtype, bias):
+    """Through `grouped_experts_forward`: the pinned padded path ("bmm") computes what the per-expert loop
+    ("loop") does, outputs and gradients."""
+    from modeling_moe.experts import grouped_experts_forward
+
+    x, gate_up, down, b1, b2, indices, weights, grad = _experts_case(dtype, bias)
+    params = [t for t in (x, gate_up, down, weights, b1, b2) if t is not None]
     results = {}
     for kernel in ("loop", "bmm"):
         monkeypatch.setenv(GROUPED_KERNEL_ENV, kernel)
         y = grouped_experts_forward(x, gate_up, down, indices, weights, F.silu, b1, b2)
         results[kernel] = (y, *torch.autograd.grad(y, params, grad))
-        with torch.no_grad():  # without grad mode: SwiGLU in place, nothing saved
+        with torch.no_grad():
             torch.testing.assert_close(grouped_experts_forward(x, gate_up, down, indices, weights, F.silu, b1, b2), y)
     for got, expected in zip(results["bmm"], results["loop"]):
-        torch.testing.assert_close(
-            got, expected, atol=1e-5 if dtype == torch.float32 else 2e-2, rtol=1e-4 if dtype == torch.float32 else 2e-2
-        )
+        _close(got, expected, dtype)
 
 
-def test_padded_bmm_rule(monkeypatch):
-    from modeling_moe.cpu_kernels import PADDED_BMM_MAX_ROWS_RATIO, cpu_flags, use_padded_bmm
+def test_padded_plan_rule(monkeypatch):
+    from modeling_moe.cpu_kernels import (
+        FEW_ROWS_MAX_P,
+        PADDED_BMM_MAX_ROWS_RATIO,
+        PADDED_CHUNK_ELEMENTS,
+        PaddedPlan,
+        cpu_flags,
+        cpu_vendor,
+        padded_plan,
+        preference_order,
+    )
 
-    x16, x32 = torch.zeros(2, 4, dtype=torch.bfloat16), torch.zeros(2, 4)
+    x16, x32 = torch.zeros(2, 64, dtype=torch.bfloat16), torch.zeros(2, 64)
+    amx = "amx_bf16" in cpu_flags()
+    mkl = preference_order(cpu_vendor())[0] == "linear"
     monkeypatch.setenv(GROUPED_KERNEL_ENV, "auto")
-    assert use_padded_bmm(x16, [10, 10, 10, 10]) == ("amx_bf16" in cpu_flags())
-    assert not use_padded_bmm(x32, [10, 10, 10, 10])
-    assert not use_padded_bmm(x16, [40, 1, 1, 1])  # padding would compute 4 * 40 rows for 43
+    many = [FEW_ROWS_MAX_P + 4] * 4
+    assert (padded_plan(x16, many, 8) is not None) == amx
+    assert padded_plan(x32, many, 8) is None  # float32 keeps the loop on many rows
+    assert padded_plan(x16, [40, 1, 1, 1], 8) is None  # padding would compute 4 * 40 rows for 43
     assert 4 * 40 > PADDED_BMM_MAX_ROWS_RATIO * 43
+    few = [3, 1, 0, 2]  # few rows, 3 of 4 experts hit
+    assert (padded_plan(x16, few, 8) is not None) == amx
+    assert (padded_plan(x32, few, 8) is not None) == mkl
+    assert padded_plan(x32, [3, 0, 0, 0], 8) is None  # the batched call would read 4 experts for 1
+    if amx:
+        assert padded_plan(x16, few, 8).orientation == "wx"
+        plan = padded_plan(x16, many, 8)
+        assert plan.orientation == "xw"
+        assert plan.experts_per_call == max(1, min(4, PADDED_CHUNK_ELEMENTS // (many[0] * 16)))
+        assert padded_plan(x16, [8192] * 4, 512).experts_per_call == 1
     monkeypatch.setenv(GROUPED_KERNEL_ENV, "bmm")
-    assert use_padded_bmm(x32, [40, 1, 1, 1])
+    assert padded_plan(x32, [40, 1, 1, 1], 8) == PaddedPlan("xw", 4)
+    assert padded_plan(x16, [40, 1, 1, 1], 8).orientation == "xw"
+    assert padded_plan(x16, few, 8).orientation == "wx"
+    monkeypatch.setenv(GROUPED_KERNEL_ENV, "loop")
+    assert padded_plan(x16, few, 8) is None
     monkeypatch.setenv(GROUPED_KERNEL_ENV, "gemm")
     with pytest.raises(ValueError, match=GROUPED_KERNEL_ENV):
-        use_padded_bmm(x16, [1])
+        padded_plan(x16, [1], 8)
+
+
+@pytest.mark.parametrize("orientation,dtype", [("xw", torch.float32), ("wx", torch.bfloat16)])
+def test_padded_matmul_bits_do_not_depend_on_alignment_where_it_is_used(orientation, dtype):
+    """Where the auto rule takes a batched form on this CPU, its bits do not move with the operands' memory
+    offsets (what save/load parity needs); elsewhere the rule must not take it."""
+    from modeling_moe.cpu_kernels import _bmm_eligible, padded_matmul
+
+    eligible = _bmm_eligible(orientation, dtype, 3, 96, 40)
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(2, 96, 40, generator=g).to(dtype)
+    x = torch.randn(2, 3, 40, generator=g).to(dtype)
+    reference = padded_matmul(x, w, None, orientation)
+    torch.testing.assert_close(reference, torch.stack([F.linear(x[i], w[i]) for i in range(2)]))
+    shifted = [
+        torch.equal(
+            padded_matmul(x, torch.empty(w.numel() + o, dtype=dtype)[o:].view_as(w).copy_(w), None, orientation),
+            reference,
+        )
+        for o in (1, 3, 8)
+    ]
+    assert all(shifted) or not eligible
+
+
+def test_padded_layout_host_and_tensor_paths_agree(monkeypatch):
+    """The padded layout's indices are the same from host ints (decode-sized) and from tensor ops."""
+    from modeling_moe import experts
+
+    g = torch.Generator().manual_seed(2)
+    T, K, E = 40, 3, 5
+    indices = torch.randint(0, E + 1, (T, K), generator=g)  # E: dropped
+    flat = indices.reshape(-1)
+    counts = torch.bincount(flat, minlength=E + 1)[:E].tolist()
+    order = torch.argsort(flat, stable=True)[: sum(counts)]
+    P = max(counts)
+    host = experts._padded_layout(order, counts, K, T, P)
+    monkeypatch.setattr(experts, "_HOST_LAYOUT_MAX", 0)
+    tensor = experts._padded_layout(order, counts, K, T, P)
+    for a, b in zip(host, tensor):
+        assert torch.equal(a, b) and a.dtype == b.dtype
+    slot_N, slot_TK = host
+    assert torch.equal(slot_TK.reshape(-1)[order], slot_N)
+    assert torch.equal(slot_TK == E * P, indices == E)  # dropped choices point past the padded rows
+    assert torch.equal(slot_N // P, flat[order])  # each assignment in its expert's rows
