@@ -1,4 +1,6 @@
-"""Which CPU kernel runs a float32 linear on a few rows (`few_row_linear`), chosen by what this CPU does.
+"""Which CPU kernels the experts run, chosen by what this kind of CPU does: the float32 linear on a few rows
+(`few_row_linear`) and how the grouped experts' GEMMs run (`padded_plan`: one GEMM pair per expert, or batched
+GEMMs over the groups zero-padded to the largest one; see its docstring).
 
 The experts' few-token path multiplies each hit expert's weights by 1-3 rows. Two exact kernels compute
 `F.linear(x_nD, w_OD)` there:
@@ -19,7 +21,8 @@ the bits of a forward. It is, for each shape, the first eligible kernel of a fix
 "vecdot" is always eligible (ATen's reductions use unaligned vector loads; tested), so the order decides.
 
 `MOE_CPU_FEW_ROW_KERNEL` pins the choice for reproducibility: "auto" (the default, the rule above), "linear"
-or "vecdot" (used as asked, without the alignment check).
+or "vecdot" (used as asked, without the alignment check). `MOE_CPU_GROUPED_KERNEL` ("auto", "loop", "bmm")
+pins `padded_plan`; the batched forms pass the same alignment check before "auto" takes them.
 """
 
 from __future__ import annotations
