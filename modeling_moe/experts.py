@@ -186,7 +186,9 @@ class PaddedExperts(torch.autograd.Function):
             e = slice(e0, min(E, e0 + c))
             gu_out = None if gu_all is None else gu_all[e]
             gu_cPH = padded_matmul(x_EPD[e], gate_up_EHD[e], _bias(gate_up_bias_EH, e), orientation, out=gu_out)
-            h_cPI = F.silu(gu_cPH[..., :I], inplace=not keep).mul_(gu_cPH[..., I:])  # SwiGLU (Shazeer 2020, Eq. 6)
+            # SwiGLU (Shazeer 2020, Eq. 6), out of place even without a backward: h is then contiguous, where
+            # the in-place form leaves a strided view that the next bmm copies
+            h_cPI = F.silu(gu_cPH[..., :I]).mul_(gu_cPH[..., I:])
             if orientation == "xw":  # straight into the output rows
                 padded_matmul(h_cPI, down_EDI[e], _bias(down_bias_ED, e), orientation, out=y_EPD[e])
             else:
