@@ -148,8 +148,11 @@ def padded_plan(x_TD: torch.Tensor, counts: list[int], intermediate: int) -> Pad
         orientation = "wx" if amx_bf16 else "xw" if mkl_fp32 else None
     else:
         orientation = "xw" if amx_bf16 and E * P <= PADDED_BMM_MAX_ROWS_RATIO * sum(counts) else None
-    if orientation is None or not _bmm_eligible(orientation, x_TD.dtype, P, 2 * intermediate, D):
+    if orientation is None:
         return None
+    for O, X in ((2 * intermediate, D), (D, intermediate)):  # gate/up, then down
+        if not _bmm_eligible(orientation, x_TD.dtype, P, O, X):
+            return None
     return PaddedPlan(orientation, chunk)
 
 
@@ -170,8 +173,14 @@ def padded_matmul(x_cPX: torch.Tensor, w_cOX: torch.Tensor, bias_cO: torch.Tenso
     return y_cOP.transpose(1, 2)
 
 
-@functools.cache
 def _bmm_eligible(orientation: str, dtype: torch.dtype, P: int, O: int, D: int) -> bool:
+    """Whether the batched form gives alignment-independent bits for P rows times (O, D) weights, with this
+    process's thread count (the kernel a GEMM library picks can depend on it); checked once, cached."""
+    return _bmm_eligible_cached(orientation, dtype, P, O, D, torch.get_num_threads())
+
+
+@functools.cache
+def _bmm_eligible_cached(orientation: str, dtype: torch.dtype, P: int, O: int, D: int, threads: int) -> bool:
     return _alignment_invariant(
         lambda x_nD, w_OD: padded_matmul(x_nD.unsqueeze(0), w_OD.unsqueeze(0), None, orientation)[0], P, O, D, dtype
     )
