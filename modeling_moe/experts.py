@@ -18,6 +18,8 @@ A dropped assignment carries the sentinel index E: it is sorted past the last ex
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -154,7 +156,8 @@ class PaddedExperts(torch.autograd.Function):
     (E, P, D), and each projection one `torch.bmm` per `plan.experts_per_call` experts, in the forward and in the
     backward (`cpu_kernels.padded_plan` says where this is faster than one GEMM pair per expert, and why).
 
-    Same inputs as `GroupedExperts` plus `plan` (a `cpu_kernels.PaddedPlan`), and the same result. Padding rows
+    Same inputs as `GroupedExperts` (order_N as a tensor), with the padded rows' `_PaddedLayout` in place of
+    the counts, plus `plan` (a `cpu_kernels.PaddedPlan`); the same result. Padding rows
     are zeros and get a routing weight of 0: they add nothing to the output, and since their rows of dL/dy are
     zero they add exactly nothing to any gradient (a non-finite token cannot leak into them). Saved for the
     backward: the (E, P, 2I) gate/up activations (in the plan's layout); the padded inputs are gathered again.
@@ -163,59 +166,34 @@ class PaddedExperts(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, x_TD, gate_up_EHD, down_EDI, gate_up_bias_EH, down_bias_ED, weights_TK, order_N, counts, K, grad, plan
+        ctx, x_TD, gate_up_EHD, down_EDI, gate_up_bias_EH, down_bias_ED, weights_TK, order_N, layout, K, grad, plan
     ):
-        T, D = x_TD.shape
         E, _, I = down_EDI.shape
-        P, c, orientation = max(counts), plan.experts_per_call, plan.orientation
-        acc_dtype = torch.promote_types(x_TD.dtype, weights_TK.dtype)  # float32 for 16-bit x and router weights
+        P = len(layout.rows_R) // E
         keep = grad and any(ctx.needs_input_grad[:6])
-        slot_N, slot_TK = _padded_layout(order_N, counts, K, T, P)
-        token_N = order_N // K
-        # the combine's weights, a dropped choice's zeroed, and the sorted ones for the backward: built before the
-        # GEMMs, which stream the weights through the cache (small ops after them run cold)
-        weight_T1K = torch.where(slot_TK == E * P, 0, weights_TK).to(acc_dtype).unsqueeze(1)  # (T, 1, K)
-        weight_N = weights_TK.reshape(-1).index_select(0, order_N)  # (N,)
-        x_EPD = _padded_rows(x_TD, token_N, slot_N, E * P).view(E, P, D)
+        weight_N = weights_TK.reshape(-1).index_select(0, order_N)  # (N,), for the backward
         # the (E, P, 2I) activations when the backward needs them, in the plan's layout (see padded_matmul)
-        gu_all = x_TD.new_empty((E, P, 2 * I) if orientation == "xw" else (E, 2 * I, P)) if keep else None
-        y_RD = x_TD.new_empty(E * P + 1, D)  # the padded rows' outputs, then one zero row for dropped choices
-        y_RD[-1].zero_()
-        y_EPD = y_RD[:-1].view(E, P, D)
-        for e0 in range(0, E, c):
-            e = slice(e0, min(E, e0 + c))
-            gu_out = None if gu_all is None else gu_all[e]
-            gu_cPH = padded_matmul(x_EPD[e], gate_up_EHD[e], _bias(gate_up_bias_EH, e), orientation, out=gu_out)
-            # SwiGLU (Shazeer 2020, Eq. 6), out of place even without a backward: h is then contiguous, where
-            # the in-place form leaves a strided view that the next bmm copies
-            h_cPI = F.silu(gu_cPH[..., :I]).mul_(gu_cPH[..., I:])
-            if orientation == "xw":  # straight into the output rows
-                padded_matmul(h_cPI, down_EDI[e], _bias(down_bias_ED, e), orientation, out=y_EPD[e])
-            else:
-                y_EPD[e] = padded_matmul(h_cPI, down_EDI[e], _bias(down_bias_ED, e), orientation)
-        # combine: y_t = sum_k w_tk * expert(x_t) (Shazeer et al. 2017, Eq. 1) as a gather of each token's K rows
-        # and a (1, K) @ (K, D) product in the accumulation dtype, in chunks of tokens so the (c, K, D) copies stay
-        # in cache; a dropped choice reads the zero row with weight 0
-        out_TD = torch.empty(T, D, dtype=x_TD.dtype, device=x_TD.device)
-        for t0 in range(0, T, _COMBINE_CHUNK):
-            t1 = min(t0 + _COMBINE_CHUNK, T)
-            y_cKD = y_RD.index_select(0, slot_TK[t0:t1].reshape(-1)).view(t1 - t0, K, D).to(acc_dtype)
-            out_TD[t0:t1] = torch.bmm(weight_T1K[t0:t1], y_cKD).squeeze(1)
+        gu_all = x_TD.new_empty((E, P, 2 * I) if plan.orientation == "xw" else (E, 2 * I, P)) if keep else None
+        biases = (gate_up_bias_EH, down_bias_ED)
+        out_TD = _padded_forward(x_TD, gate_up_EHD, down_EDI, *biases, weights_TK, layout, plan, gu_all)
         saved = (gu_all,) if keep else ()
-        ctx.save_for_backward(x_TD, gate_up_EHD, down_EDI, down_bias_ED, weight_N, order_N, slot_N, *saved)
-        ctx.counts, ctx.K, ctx.plan = counts, K, plan
+        ctx.save_for_backward(
+            x_TD, gate_up_EHD, down_EDI, down_bias_ED, weight_N, order_N, layout.slot_N, layout.rows_R, *saved
+        )
+        ctx.K, ctx.plan = K, plan
         return out_TD
 
     @staticmethod
     def backward(ctx, dy_TD):
-        x_TD, gate_up_EHD, down_EDI, down_bias_ED, weight_N, order_N, slot_N, gu_all = ctx.saved_tensors
+        x_TD, gate_up_EHD, down_EDI, down_bias_ED, weight_N, order_N, slot_N, rows_R, gu_all = ctx.saved_tensors
         K, (T, D), (E, _, I) = ctx.K, x_TD.shape, down_EDI.shape
-        P, c, R = max(ctx.counts), ctx.plan.experts_per_call, E * max(ctx.counts)
+        R, c = len(rows_R), ctx.plan.experts_per_call
+        P = R // E
         need_x, need_w1, need_w2, need_b1, need_b2, need_weights = ctx.needs_input_grad[:6]
         acc_dtype = torch.promote_types(x_TD.dtype, torch.float32)
         token_N = order_N // K
-        x_EPD = _padded_rows(x_TD, token_N, slot_N, R).view(E, P, D)
-        dy_EPD = _padded_rows(dy_TD.contiguous(), token_N, slot_N, R).view(E, P, D)  # before the routing weight
+        x_EPD = _padded_rows(x_TD, rows_R).view(E, P, D)
+        dy_EPD = _padded_rows(dy_TD.contiguous(), rows_R).view(E, P, D)  # before the routing weight
         w_EP1 = weight_N.new_zeros(R).index_copy_(0, slot_N, weight_N).view(E, P, 1).to(dy_TD.dtype)  # padding: 0
         # (E, P, 2I) contiguous: "wx" saved it transposed, and is only used with a few rows (a small copy)
         gu_EPH = gu_all if ctx.plan.orientation == "xw" else gu_all.transpose(1, 2).contiguous()
@@ -266,32 +244,122 @@ class PaddedExperts(torch.autograd.Function):
         return dx_TD, dw1, dw2, db1, db2, dweights, None, None, None, None, None
 
 
-# At most this many assignments, `_padded_layout` builds its indices from host ints (one decode step) instead of
-# a dozen tiny kernels.
+# At most this many assignments, the expert order and the padded layout are built from host ints (decode-sized
+# batches) instead of a dozen tiny kernels: on the CPU each op costs tens of microseconds when it runs right after
+# a GEMM has streamed the expert weights through the cache.
 _HOST_LAYOUT_MAX = 256
 
 
-def _padded_layout(order_N: torch.Tensor, counts: list[int], K: int, T: int, P: int):
-    """Where each assignment sits in the (E*P) padded rows: slot_N (N,) for the expert-sorted assignments (expert
-    e's n_e assignments take rows e*P .. e*P + n_e - 1) and slot_TK (T, K) for each token's k-th choice (E*P,
-    one row past the padded ones, for a dropped choice)."""
-    E, N, device = len(counts), len(order_N), order_N.device
-    if N <= _HOST_LAYOUT_MAX:
-        slots = [e * P + j for e, n in enumerate(counts) for j in range(n)]
-        slot_flat = [E * P] * (T * K)
-        for o, slot in zip(order_N.tolist(), slots):
-            slot_flat[o] = slot
-        return torch.tensor(slots, device=device), torch.tensor(slot_flat, device=device).view(T, K)
+def _expert_order(indices_TK: torch.Tensor, E: int) -> tuple[list[int] | torch.Tensor, list[int]]:
+    """The routed assignments t*K + k sorted by expert, token order inside (a stable sort), the dropped ones
+    (index E, or above) cut: python ints for at most `_HOST_LAYOUT_MAX` assignments (one host read instead of a
+    sort, a bincount and a host read), else an (N,) tensor; and counts, assignments per expert (E python ints
+    summing to N). `_order_tensor` gives the tensor form of either."""
+    flat_N = indices_TK.reshape(-1)  # (T*K,)
+    if flat_N.numel() <= _HOST_LAYOUT_MAX:
+        experts = flat_N.tolist()
+        if min(experts, default=0) < 0:
+            raise ValueError(f"indices_TK: expert indices must be >= 0 (E = {E} marks a dropped assignment)")
+        order = sorted((o for o, e in enumerate(experts) if e < E), key=experts.__getitem__)  # stable
+        counts = [0] * E
+        for o in order:
+            counts[experts[o]] += 1
+        return order, counts
+    order_N = torch.argsort(flat_N, stable=True)  # assignments grouped by expert, token order inside
+    counts = torch.bincount(flat_N, minlength=E + 1)[:E].tolist()  # the sentinel E is counted, then cut
+    return order_N[: sum(counts)], counts  # dropped assignments sorted last: cut them
+
+
+def _order_tensor(order: list[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
+    return order if isinstance(order, torch.Tensor) else torch.tensor(order, dtype=torch.long, device=device)
+
+
+class _PaddedLayout(NamedTuple):
+    """Where each assignment sits in the R = E*P padded rows (expert e's n_e assignments take rows e*P ..
+    e*P + n_e - 1, in expert-sorted order); all int64."""
+
+    token_N: torch.Tensor  # (N,) the token of each expert-sorted assignment
+    slot_N: torch.Tensor  # (N,) its padded row
+    slot_TK: torch.Tensor  # (T, K) the padded row of each token's k-th choice; R (one past them) when dropped
+    rows_R: torch.Tensor  # (R,) the token each padded row reads; T (a zero row appended to x) for padding
+
+
+def _padded_layout(order: list[int] | torch.Tensor, counts: list[int], K: int, T: int, P: int, device):
+    """The `_PaddedLayout` of `_expert_order`'s result: from host ints in one tensor when `order` is a list."""
+    E = len(counts)
+    R = E * P
+    if isinstance(order, list):
+        slot_N = [e * P + j for e, n in enumerate(counts) for j in range(n)]
+        token_N = [o // K for o in order]
+        slot_TK, rows_R = [R] * (T * K), [T] * R
+        for o, token, slot in zip(order, token_N, slot_N):
+            slot_TK[o], rows_R[slot] = slot, token
+        N = len(order)
+        packed = torch.tensor(token_N + slot_N + slot_TK + rows_R, dtype=torch.long, device=device)
+        token, slot, choice, rows = packed.split([N, N, T * K, R])
+        return _PaddedLayout(token, slot, choice.view(T, K), rows)
+    N = len(order)
     counts_E = torch.tensor(counts, device=device)
     offset_E = torch.arange(E, device=device) * P - (torch.cumsum(counts_E, 0) - counts_E)  # e*P - start_e
     slot_N = torch.arange(N, device=device) + torch.repeat_interleave(offset_E, counts_E, output_size=N)
-    slot_TK = torch.full((T * K,), E * P, dtype=slot_N.dtype, device=device).index_copy_(0, order_N, slot_N)
-    return slot_N, slot_TK.view(T, K)
+    slot_TK = torch.full((T * K,), R, dtype=slot_N.dtype, device=device).index_copy_(0, order, slot_N)
+    token_N = order // K
+    rows_R = torch.full((R,), T, dtype=slot_N.dtype, device=device).index_copy_(0, slot_N, token_N)
+    return _PaddedLayout(token_N, slot_N, slot_TK.view(T, K), rows_R)
 
 
-def _padded_rows(src_TD: torch.Tensor, token_N: torch.Tensor, slot_N: torch.Tensor, R: int) -> torch.Tensor:
-    """(R, D): row slot_N[i] holds src_TD[token_N[i]], every other (padding) row is zero."""
-    return src_TD.new_zeros(R, src_TD.shape[1]).index_copy_(0, slot_N, src_TD.index_select(0, token_N))
+def _padded_rows(src_TD: torch.Tensor, rows_R: torch.Tensor) -> torch.Tensor:
+    """(R, D): padded row r holds src_TD[rows_R[r]]; rows_R = T reads an appended zero row (padding)."""
+    return F.pad(src_TD, (0, 0, 0, 1)).index_select(0, rows_R)
+
+
+def _padded_forward(
+    x_TD, gate_up_EHD, down_EDI, gate_up_bias_EH, down_bias_ED, weights_TK, layout: _PaddedLayout, plan, gu_all
+) -> torch.Tensor:
+    """`PaddedExperts`' forward (also run directly where nothing needs a gradient, which skips the autograd
+    Function's own cost and gives the same bits): y_TD (T, D). gu_all (or None) receives the gate/up
+    activations in the plan's layout."""
+    T, D = x_TD.shape
+    E, _, I = down_EDI.shape
+    (R,), K = layout.rows_R.shape, layout.slot_TK.shape[1]
+    P, c, orientation = R // E, plan.experts_per_call, plan.orientation
+    acc_dtype = torch.promote_types(x_TD.dtype, weights_TK.dtype)  # float32 for 16-bit x and router weights
+    # the combine's weights, a dropped choice's zeroed, built before the GEMMs, which stream the weights through
+    # the cache (small ops after them run cold)
+    dropped = len(layout.slot_N) < T * K
+    weight_TK = torch.where(layout.slot_TK == R, 0, weights_TK) if dropped else weights_TK
+    weight_T1K = weight_TK.to(acc_dtype).unsqueeze(1)  # (T, 1, K)
+    x_EPD = _padded_rows(x_TD, layout.rows_R).view(E, P, D)
+    y_RD = None if c == E and not dropped else x_TD.new_empty(R + 1, D)  # padded rows, then a zero row for drops
+    if y_RD is not None:
+        y_RD[-1].zero_()
+    for e0 in range(0, E, c):
+        e = slice(e0, min(E, e0 + c))
+        gu_out = None if gu_all is None else gu_all[e]
+        gu_cPH = padded_matmul(x_EPD[e], gate_up_EHD[e], _bias(gate_up_bias_EH, e), orientation, out=gu_out)
+        # SwiGLU (Shazeer 2020, Eq. 6), out of place even without a backward: h is then contiguous, where the
+        # in-place form leaves a strided view that the next bmm copies
+        h_cPI = F.silu(gu_cPH[..., :I]).mul_(gu_cPH[..., I:])
+        if y_RD is None:  # one call over every expert, no drop: its (E, P, D) result is the padded rows
+            y_RD = padded_matmul(h_cPI, down_EDI, _bias(down_bias_ED, e), orientation).reshape(R, D)
+        elif orientation == "xw":  # straight into the output rows
+            padded_matmul(h_cPI, down_EDI[e], _bias(down_bias_ED, e), orientation, out=y_RD[e0 * P : e.stop * P])
+        else:
+            y_RD[e0 * P : e.stop * P].view(-1, P, D).copy_(
+                padded_matmul(h_cPI, down_EDI[e], _bias(down_bias_ED, e), orientation)
+            )
+    # combine: y_t = sum_k w_tk * expert(x_t) (Shazeer et al. 2017, Eq. 1) as a gather of each token's K rows and
+    # a (1, K) @ (K, D) product in the accumulation dtype, in chunks of tokens so the (c, K, D) copies stay in
+    # cache; a dropped choice reads the zero row with weight 0
+    chunks = [(t0, min(t0 + _COMBINE_CHUNK, T)) for t0 in range(0, T, _COMBINE_CHUNK)]
+    out_TD = torch.empty(T, D, dtype=x_TD.dtype, device=x_TD.device) if len(chunks) > 1 else None
+    for t0, t1 in chunks:
+        y_cKD = y_RD.index_select(0, layout.slot_TK[t0:t1].reshape(-1)).view(t1 - t0, K, D).to(acc_dtype)
+        y_cD = torch.bmm(weight_T1K[t0:t1], y_cKD).squeeze(1)
+        if out_TD is None:
+            return y_cD.to(x_TD.dtype)
+        out_TD[t0:t1] = y_cD
+    return out_TD
 
 
 def _bias(bias, e):
@@ -497,17 +565,22 @@ def grouped_experts_forward(
     K = indices_TK.shape[1]
     E = gate_up_proj_EHD.shape[0]
     biases = (gate_up_bias_EH, down_bias_ED)
-    flat_expert_N = indices_TK.reshape(-1)  # (T*K,)
-    order_N = torch.argsort(flat_expert_N, stable=True)  # assignments grouped by expert, token order inside
-    counts = torch.bincount(flat_expert_N, minlength=E + 1)[:E].tolist()  # the sentinel E is counted, then cut
-    n_routed = sum(counts)
-    order_N = order_N[:n_routed]  # dropped assignments sorted last: cut them
+    order, counts = _expert_order(indices_TK, E)
+    T, device = x_TD.shape[0], x_TD.device
     if is_silu(act_fn):
-        args = (x_TD, gate_up_proj_EHD, down_proj_EDI, *biases, weights_TK, order_N, counts, K, torch.is_grad_enabled())
+        grad = torch.is_grad_enabled()
         # not on few-token inputs, so that a forward's bits do not depend on grad mode (without it they take
         # `few_token_experts_forward`, whose kernels GroupedExperts shares)
-        plan = padded_plan(x_TD, counts, down_proj_EDI.shape[-1]) if n_routed > SMALL_BATCH_ASSIGNMENTS else None
-        return PaddedExperts.apply(*args, plan) if plan is not None else GroupedExperts.apply(*args)
+        plan = padded_plan(x_TD, counts, down_proj_EDI.shape[-1]) if len(order) > SMALL_BATCH_ASSIGNMENTS else None
+        if plan is None:
+            args = (x_TD, gate_up_proj_EHD, down_proj_EDI, *biases, weights_TK, _order_tensor(order, device))
+            return GroupedExperts.apply(*args, counts, K, grad)
+        layout = _padded_layout(order, counts, K, T, max(counts), device)
+        params = (x_TD, gate_up_proj_EHD, down_proj_EDI, *biases, weights_TK)
+        if grad and _needs_grad(*params):
+            return PaddedExperts.apply(*params, _order_tensor(order, device), layout, K, grad, plan)
+        return _padded_forward(*params, layout, plan, None)  # the same bits, without the Function's cost
+    order_N = _order_tensor(order, device)
     slots = _grouped_autograd(x_TD, gate_up_proj_EHD, down_proj_EDI, *biases, order_N, counts, K, act_fn)
     # Combine: each token's k slot outputs weighted and summed in one batched matmul, (T, 1, K) @ (T, K, D)
     T, D = x_TD.shape

@@ -358,8 +358,10 @@ class MoeRouter(nn.Module):
             bias = self.e_score_correction_bias if self.e_score_correction_bias is not None else 0.0
             weights_TK, indices_TK = keep_topk_softmax(logits_TE + bias, k)
         else:
-            indices_TK = torch.topk(choice_TE, k, dim=-1).indices
-            weights_TK = scores_TE.gather(1, indices_TK)
+            top_TK = torch.topk(choice_TE, k, dim=-1)
+            indices_TK = top_TK.indices
+            # the chosen scores: topk's values unless a bias moved the choice (then gathered)
+            weights_TK = top_TK.values if choice_TE is scores_TE else scores_TE.gather(1, indices_TK)
             if self.norm_topk_prob:
                 weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
         if self.routed_scaling_factor != 1.0:

@@ -68,6 +68,16 @@ def _experts_case(dtype, bias, E=4, D=16, I=12, T=10, K=2, seed=0):
     return x, gate_up, down, b1, b2, indices, weights, grad
 
 
+def _routing(indices, E, T):
+    """The expert-sorted order (a tensor), counts and padded layout of `indices`, as grouped_experts_forward
+    builds them."""
+    from modeling_moe.experts import _expert_order, _order_tensor, _padded_layout
+
+    order, counts = _expert_order(indices, E)
+    layout = _padded_layout(order, counts, indices.shape[1], T, max(counts), indices.device)
+    return _order_tensor(order, indices.device), counts, layout
+
+
 def _close(got, expected, dtype):
     fp32 = dtype == torch.float32
     torch.testing.assert_close(got, expected, atol=1e-5 if fp32 else 2e-2, rtol=1e-4 if fp32 else 2e-2)
@@ -81,22 +91,21 @@ def test_padded_experts_match_the_loop(dtype, bias, orientation, experts_per_cal
     """`PaddedExperts` (batched GEMMs over zero-padded groups) computes what `GroupedExperts` (one GEMM pair per
     expert) does, outputs and every gradient, in both layouts and with the experts split over several calls."""
     from modeling_moe.cpu_kernels import PaddedPlan
-    from modeling_moe.experts import GroupedExperts, PaddedExperts
+    from modeling_moe.experts import GroupedExperts, PaddedExperts, _padded_forward
 
     x, gate_up, down, b1, b2, indices, weights, grad = _experts_case(dtype, bias)
-    K, E = indices.shape[1], gate_up.shape[0]
-    flat = indices.reshape(-1)
-    counts = torch.bincount(flat, minlength=E + 1)[:E].tolist()
-    order = torch.argsort(flat, stable=True)[: sum(counts)]
+    T, K, E = x.shape[0], indices.shape[1], gate_up.shape[0]
+    order, counts, layout = _routing(indices, E, T)
     params = [t for t in (x, gate_up, down, weights, b1, b2) if t is not None]
-    args = (x, gate_up, down, b1, b2, weights, order, counts, K, True)
-    expected = GroupedExperts.apply(*args)
-    got = PaddedExperts.apply(*args, PaddedPlan(orientation, experts_per_call))
+    plan = PaddedPlan(orientation, experts_per_call)
+    expected = GroupedExperts.apply(x, gate_up, down, b1, b2, weights, order, counts, K, True)
+    got = PaddedExperts.apply(x, gate_up, down, b1, b2, weights, order, layout, K, True, plan)
     _close(got, expected, dtype)
     for g_got, g_expected in zip(torch.autograd.grad(got, params, grad), torch.autograd.grad(expected, params, grad)):
         _close(g_got, g_expected, dtype)
-    with torch.no_grad():  # without a backward: SwiGLU in place, nothing saved
-        _close(PaddedExperts.apply(*args[:-1], False, PaddedPlan(orientation, experts_per_call)), expected, dtype)
+    with torch.no_grad():  # without a backward nothing is saved; run without the Function: the same bits
+        assert torch.equal(PaddedExperts.apply(x, gate_up, down, b1, b2, weights, order, layout, K, False, plan), got)
+        assert torch.equal(_padded_forward(x, gate_up, down, b1, b2, weights, layout, plan, None), got)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -113,10 +122,8 @@ def test_padded_experts_padding_leaks_nothing_from_a_non_finite_token(dtype):
     x = x.detach().clone()
     x[0] = float("inf")
     x.requires_grad_()
-    flat = indices.reshape(-1)
-    counts = torch.bincount(flat, minlength=E + 1)[:E].tolist()
-    order = torch.argsort(flat, stable=True)[: sum(counts)]
-    y = PaddedExperts.apply(x, gate_up, down, None, None, weights, order, counts, K, True, PaddedPlan("xw", 1))
+    order, _, layout = _routing(indices, E, T)
+    y = PaddedExperts.apply(x, gate_up, down, None, None, weights, order, layout, K, True, PaddedPlan("xw", 1))
     dx, dw1, dw2 = torch.autograd.grad(y, (x, gate_up, down), grad)
     assert torch.isfinite(y[1:]).all() and torch.isfinite(dx[1:]).all()
     assert torch.isfinite(dw1[1:]).all() and torch.isfinite(dw2[1:]).all()  # experts 1.. never saw token 0
@@ -207,22 +214,34 @@ def test_padded_matmul_bits_do_not_depend_on_alignment_where_it_is_used(orientat
 
 
 def test_padded_layout_host_and_tensor_paths_agree(monkeypatch):
-    """The padded layout's indices are the same from host ints (decode-sized) and from tensor ops."""
+    """The expert order and the padded layout are the same from host ints (decode-sized) and from tensor ops."""
     from modeling_moe import experts
 
     g = torch.Generator().manual_seed(2)
     T, K, E = 40, 3, 5
     indices = torch.randint(0, E + 1, (T, K), generator=g)  # E: dropped
     flat = indices.reshape(-1)
-    counts = torch.bincount(flat, minlength=E + 1)[:E].tolist()
-    order = torch.argsort(flat, stable=True)[: sum(counts)]
+    order, counts = experts._expert_order(indices, E)
+    assert isinstance(order, list)
     P = max(counts)
-    host = experts._padded_layout(order, counts, K, T, P)
+    host = experts._padded_layout(order, counts, K, T, P, indices.device)
     monkeypatch.setattr(experts, "_HOST_LAYOUT_MAX", 0)
-    tensor = experts._padded_layout(order, counts, K, T, P)
+    order_N, counts_tensor_path = experts._expert_order(indices, E)
+    assert isinstance(order_N, torch.Tensor) and order_N.tolist() == order and counts_tensor_path == counts
+    assert order_N.tolist() == torch.argsort(flat, stable=True)[: sum(counts)].tolist()
+    tensor = experts._padded_layout(order_N, counts, K, T, P, indices.device)
     for a, b in zip(host, tensor):
-        assert torch.equal(a, b) and a.dtype == b.dtype
-    slot_N, slot_TK = host
-    assert torch.equal(slot_TK.reshape(-1)[order], slot_N)
-    assert torch.equal(slot_TK == E * P, indices == E)  # dropped choices point past the padded rows
-    assert torch.equal(slot_N // P, flat[order])  # each assignment in its expert's rows
+        assert torch.equal(a, b) and a.dtype == b.dtype == torch.long
+    assert torch.equal(host.slot_TK.reshape(-1)[order_N], host.slot_N)
+    assert torch.equal(host.slot_TK == E * P, indices == E)  # dropped choices point past the padded rows
+    assert torch.equal(host.slot_N // P, flat[order_N])  # each assignment in its expert's rows
+    assert torch.equal(host.token_N, order_N // K)
+    padding = torch.ones(E * P, dtype=torch.bool).index_fill_(0, host.slot_N, False)
+    assert torch.equal(host.rows_R[host.slot_N], host.token_N) and (host.rows_R[padding] == T).all()
+
+
+def test_expert_order_refuses_negative_indices():
+    from modeling_moe import experts
+
+    with pytest.raises(ValueError, match="indices_TK"):
+        experts._expert_order(torch.tensor([[0, -1]]), 4)
