@@ -114,6 +114,7 @@ class Blocks:
     hf: torch.nn.Module
     hf_config: Any
     dense: torch.nn.Module
+    ours_config: Any = None
 
 
 def build_moe_pair(shape: Shape, dtype: torch.dtype, device: torch.device, seed: int, router_std: float):
@@ -164,14 +165,15 @@ def build_blocks(shape: Shape, dtype: torch.dtype, device: torch.device, seed: i
     from transformers import MistralConfig
     from transformers.models.mistral.modeling_mistral import MistralMLP
 
-    hf, hf_config, ours, _ = build_moe_pair(shape, dtype, device, seed, router_std)
+    hf, hf_config, ours, ours_config = build_moe_pair(shape, dtype, device, seed, router_std)
     d, f, k = shape.d, shape.f, shape.k
     dense = MistralMLP(MistralConfig(hidden_size=d, intermediate_size=k * f, hidden_act="silu"))
     with torch.no_grad():
         dense.gate_proj.weight.normal_(0.0, d**-0.5)
         dense.up_proj.weight.normal_(0.0, d**-0.5)
         dense.down_proj.weight.normal_(0.0, (k * f) ** -0.5)
-    return Blocks(ours=ours, hf=hf, hf_config=hf_config, dense=dense.to(device=device, dtype=dtype).train())
+    dense = dense.to(device=device, dtype=dtype).train()
+    return Blocks(ours=ours, hf=hf, hf_config=hf_config, dense=dense, ours_config=ours_config)
 
 
 def forward_fns(blocks: Blocks, impls: tuple[str, ...]) -> dict[str, tuple[torch.nn.Module, Any]]:

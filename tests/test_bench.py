@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -125,3 +127,31 @@ def test_cpu_model_benchmark_smoke(tmp_path):
         assert text in out, text
     result = json.loads(out_json.read_text())
     assert all(result["gen"]["same_continuation"].values()), result["gen"]["same_continuation"]
+
+
+def _git_checkout() -> bool:
+    return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _git_checkout(), reason="not a git checkout")
+def test_ab_benchmark_smoke(tmp_path):
+    out_json = tmp_path / "ab.json"
+    out = _run("bench_ab.py", "--quick", "--wait-quiet", "0", "--json", str(out_json), timeout=300)
+    assert "| tiny fp32 | fwd |" in out and "new / old" in out
+    result = json.loads(out_json.read_text())
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    assert result["rev"] == head.strip()
+    (row,) = result["results"]
+    assert row["rel_err"] <= 1e-5 and row["timings"]["new"]["rounds"] >= 3
+
+
+@pytest.mark.skipif(not _git_checkout(), reason="not a git checkout")
+def test_ab_benchmark_names_a_bad_revision():
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "bench_ab.py"), "--rev", "no-such-revision", "--quick"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0 and "--rev 'no-such-revision'" in proc.stderr
