@@ -4,7 +4,8 @@
     few_token_experts_forward  a handful of assignments on the CPU: each hit expert once on its rows, no sort
     gathered_experts_forward   a handful of assignments on CUDA: gathered weights, static shapes, no host sync
     triton_experts_forward     CUDA with triton (triton_experts.py): fused gather / SwiGLU / scatter kernels
-    grouped_experts_forward    everything else: sort -> one GEMM pair per expert group -> weighted combine
+    grouped_experts_forward    everything else: sort -> one GEMM pair per expert group (`GroupedExperts`), or
+                               batched GEMMs over the zero-padded groups (`PaddedExperts`) -> weighted combine
 
 Shape legend: T tokens, D hidden size, I expert intermediate size, E experts, K experts per token,
 N routed assignments (T*K minus dropped ones).
@@ -284,7 +285,9 @@ class _PaddedLayout(NamedTuple):
     rows_R: torch.Tensor  # (R,) the token each padded row reads; T (a zero row appended to x) for padding
 
 
-def _padded_layout(order: list[int] | torch.Tensor, counts: list[int], K: int, T: int, P: int, device):
+def _padded_layout(
+    order: list[int] | torch.Tensor, counts: list[int], K: int, T: int, P: int, device: torch.device
+) -> _PaddedLayout:
     """The `_PaddedLayout` of `_expert_order`'s result: from host ints in one tensor when `order` is a list."""
     E = len(counts)
     R = E * P
@@ -583,8 +586,7 @@ def grouped_experts_forward(
     order_N = _order_tensor(order, device)
     slots = _grouped_autograd(x_TD, gate_up_proj_EHD, down_proj_EDI, *biases, order_N, counts, K, act_fn)
     # Combine: each token's k slot outputs weighted and summed in one batched matmul, (T, 1, K) @ (T, K, D)
-    T, D = x_TD.shape
-    return torch.bmm(weights_TK.to(slots.dtype).unsqueeze(1), slots.view(T, K, D)).squeeze(1)
+    return torch.bmm(weights_TK.to(slots.dtype).unsqueeze(1), slots.view(T, K, -1)).squeeze(1)
 
 
 @use_experts_implementation
