@@ -41,7 +41,12 @@ GROUPED_KERNELS = ("loop", "bmm")
 # The padded batched GEMM computes E * max(counts) rows for N assignments: at most this many times N (more rows
 # than `FEW_ROWS_MAX_P` per expert; below it the weight bytes, not the rows, are the cost).
 PADDED_BMM_MAX_ROWS_RATIO = 1.25
-FEW_ROWS_MAX_P = 16
+# At most this many rows per expert, the weight bytes are the cost (one batched call over every expert reads them
+# at about the rate of a sum; measured up to 64 rows in float32 and 128 in bfloat16: bench/RESULTS.md, third pass).
+FEW_ROWS_MAX_P = 64
+# float32 with few rows where the few-row kernel is MKL's (Intel): `x @ W^T` up to this many rows per expert,
+# `W @ x^T` above (MKL's `x @ W^T` with 7-15 rows runs well below its rate with 1-6 or 16).
+FP32_XW_MAX_P = 6
 # Elements of the (c, P, 2I) intermediate of one batched call over c experts (16 MiB in bfloat16).
 PADDED_CHUNK_ELEMENTS = 1 << 23
 FEW_ROW_KERNELS = ("linear", "vecdot")
@@ -102,9 +107,10 @@ class PaddedPlan:
 
     orientation  "xw": x_EPD @ W^T -> (E, P, O), the weights transposed; "wx": W @ x_EPD^T -> (E, O, P), the
                  weights as stored: bfloat16 on AMX with a few rows per expert, where oneDNN then reads the weights
-                 at about the rate of one sum over them (1.6x faster than "xw"). With many rows "wx" leaves the
-                 SwiGLU and the backward on transposed activations, which costs more than it gains. The backward
-                 always multiplies by the weights as stored (dy @ W), the faster form in both dtypes.
+                 at about the rate of one sum over them (1.6x faster than "xw"), and float32 on MKL with 7 to
+                 `FEW_ROWS_MAX_P` rows. With hundreds of rows "wx" leaves the SwiGLU and the backward on
+                 transposed activations, which costs more than it gains. The backward always multiplies by the
+                 weights as stored (dy @ W), the faster form in both dtypes.
     experts_per_call  experts per `torch.bmm`: the (c, P, 2I) intermediate stays within `PADDED_CHUNK_ELEMENTS`
                  (16 MiB in bfloat16), where one call over all E experts would page-fault and spill the cache.
     """
@@ -119,14 +125,14 @@ def padded_plan(x_TD: torch.Tensor, counts: list[int], intermediate: int) -> Pad
 
     "auto" (the default of `MOE_CPU_GROUPED_KERNEL`), a rule of the CPU kind, the dtype and the counts, never a
     timing (measurements: bench/RESULTS.md, Intel Xeon with AMX):
-      - few rows per expert (P <= `FEW_ROWS_MAX_P`, decode-sized batches): moving the weights is the cost, and
-        one batched call reads them at about the rate of a sum over them, where a GEMM pair per expert pays a
-        call and a thread fork-join per expert. Taken when the routing hits at least half of the experts (the
-        batched call reads every expert) with bfloat16 on AMX ("wx") or float32 on a CPU whose few-row kernel
-        is MKL's (`preference_order`, "xw");
+      - few rows per expert (P <= `FEW_ROWS_MAX_P`, decoding batches): moving the weights is the cost, and one
+        batched call reads them at about the rate of a sum over them, where a GEMM pair per expert pays a call
+        and a thread fork-join per expert. Taken when the routing hits at least half of the experts (the batched
+        call reads every expert) with bfloat16 on AMX ("wx") or float32 on a CPU whose few-row kernel is MKL's
+        (`preference_order`; "xw" up to `FP32_XW_MAX_P` rows, "wx" above);
       - more rows: bfloat16 on AMX, while padding adds at most `PADDED_BMM_MAX_ROWS_RATIO - 1` of the rows
         ("xw"): oneDNN's batched GEMM over a few experts at a time runs faster than per-expert GEMMs of a few
-        hundred rows. float32 keeps the loop (the batched GEMM is no faster there).
+        hundred rows. float32 keeps the loop (with hundreds of rows the batched GEMM is no faster).
     A batched form is used only where its bits do not depend on where the weights and rows sit in memory
     (`_alignment_invariant`, as for the few-row kernel), so a checkpoint reloaded from safetensors gives the
     same logits. "bmm" (any dtype; "wx" for bfloat16 with few rows, else "xw") or "loop" pins it."""
@@ -141,11 +147,11 @@ def padded_plan(x_TD: torch.Tensor, counts: list[int], intermediate: int) -> Pad
     if value == "bmm":
         return PaddedPlan("wx" if few_rows and x_TD.dtype == torch.bfloat16 else "xw", chunk)
     amx_bf16 = x_TD.dtype == torch.bfloat16 and "amx_bf16" in cpu_flags()
+    mkl_fp32 = x_TD.dtype == torch.float32 and preference_order(cpu_vendor())[0] == "linear"
     if few_rows:
-        if 2 * sum(n > 0 for n in counts) < E:
+        if 2 * sum(n > 0 for n in counts) < E:  # a call over every expert would read over twice the bytes
             return None
-        mkl_fp32 = x_TD.dtype == torch.float32 and preference_order(cpu_vendor())[0] == "linear"
-        orientation = "wx" if amx_bf16 else "xw" if mkl_fp32 else None
+        orientation = "wx" if amx_bf16 else ("xw" if P <= FP32_XW_MAX_P else "wx") if mkl_fp32 else None
     else:
         orientation = "xw" if amx_bf16 and E * P <= PADDED_BMM_MAX_ROWS_RATIO * sum(counts) else None
     if orientation is None:

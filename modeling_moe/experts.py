@@ -196,7 +196,7 @@ class PaddedExperts(torch.autograd.Function):
         x_EPD = _padded_rows(x_TD, rows_R).view(E, P, D)
         dy_EPD = _padded_rows(dy_TD.contiguous(), rows_R).view(E, P, D)  # before the routing weight
         w_EP1 = weight_N.new_zeros(R).index_copy_(0, slot_N, weight_N).view(E, P, 1).to(dy_TD.dtype)  # padding: 0
-        # (E, P, 2I) contiguous: "wx" saved it transposed, and is only used with a few rows (a small copy)
+        # (E, P, 2I) contiguous: "wx" saved it transposed; it is used with at most 64 rows (a small copy)
         gu_EPH = gu_all if ctx.plan.orientation == "xw" else gu_all.transpose(1, 2).contiguous()
         dx_EPD = torch.empty_like(x_EPD) if need_x else None
         dw1 = torch.empty_like(gate_up_EHD) if need_w1 else None

@@ -152,9 +152,11 @@ def test_padded_bmm_grouped_path_matches_the_loop_path(monkeypatch, dtype, bias)
 def test_padded_plan_rule(monkeypatch):
     from modeling_moe.cpu_kernels import (
         FEW_ROWS_MAX_P,
+        FP32_XW_MAX_P,
         PADDED_BMM_MAX_ROWS_RATIO,
         PADDED_CHUNK_ELEMENTS,
         PaddedPlan,
+        _bmm_eligible,
         cpu_flags,
         cpu_vendor,
         padded_plan,
@@ -168,12 +170,23 @@ def test_padded_plan_rule(monkeypatch):
     many = [FEW_ROWS_MAX_P + 4] * 4
     assert (padded_plan(x16, many, 8) is not None) == amx
     assert padded_plan(x32, many, 8) is None  # float32 keeps the loop on many rows
-    assert padded_plan(x16, [40, 1, 1, 1], 8) is None  # padding would compute 4 * 40 rows for 43
-    assert 4 * 40 > PADDED_BMM_MAX_ROWS_RATIO * 43
+    assert padded_plan(x32, [FEW_ROWS_MAX_P, 0, 0, 0], 8) is None  # one expert of four: the loop
+    skewed = [FEW_ROWS_MAX_P + 40, 1, 1, 1]  # many rows: padding would compute 4 * 104 rows for 107
+    assert padded_plan(x16, skewed, 8) is None
+    assert 4 * max(skewed) > PADDED_BMM_MAX_ROWS_RATIO * sum(skewed)
     few = [3, 1, 0, 2]  # few rows, 3 of 4 experts hit
     assert (padded_plan(x16, few, 8) is not None) == amx
     assert (padded_plan(x32, few, 8) is not None) == mkl
     assert padded_plan(x32, [3, 0, 0, 0], 8) is None  # the batched call would read 4 experts for 1
+    if mkl:  # float32: x @ W^T up to FP32_XW_MAX_P rows, W @ x^T above (where its bits pass the alignment check)
+        for counts, orientation in (
+            ([FP32_XW_MAX_P, 1, 1, 1], "xw"),
+            ([FP32_XW_MAX_P + 1, 1, 1, 1], "wx"),
+            ([FEW_ROWS_MAX_P, 1, 1, 1], "wx"),  # batched up to FEW_ROWS_MAX_P rows, whatever the padding
+        ):
+            P = max(counts)
+            eligible = all(_bmm_eligible(orientation, torch.float32, P, O, X) for O, X in ((16, 64), (64, 8)))
+            assert padded_plan(x32, counts, 8) == (PaddedPlan(orientation, 4) if eligible else None)
     if amx:
         assert padded_plan(x16, few, 8).orientation == "wx"
         plan = padded_plan(x16, many, 8)
@@ -182,7 +195,8 @@ def test_padded_plan_rule(monkeypatch):
         assert padded_plan(x16, [8192] * 4, 512).experts_per_call == 1
     monkeypatch.setenv(GROUPED_KERNEL_ENV, "bmm")
     assert padded_plan(x32, [40, 1, 1, 1], 8) == PaddedPlan("xw", 4)
-    assert padded_plan(x16, [40, 1, 1, 1], 8).orientation == "xw"
+    assert padded_plan(x16, skewed, 8).orientation == "xw"
+    assert padded_plan(x16, [40, 1, 1, 1], 8).orientation == "wx"  # few rows
     assert padded_plan(x16, few, 8).orientation == "wx"
     monkeypatch.setenv(GROUPED_KERNEL_ENV, "loop")
     assert padded_plan(x16, few, 8) is None
@@ -191,16 +205,18 @@ def test_padded_plan_rule(monkeypatch):
         padded_plan(x16, [1], 8)
 
 
-@pytest.mark.parametrize("orientation,dtype", [("xw", torch.float32), ("wx", torch.bfloat16)])
-def test_padded_matmul_bits_do_not_depend_on_alignment_where_it_is_used(orientation, dtype):
+@pytest.mark.parametrize(
+    "orientation,dtype,rows", [("xw", torch.float32, 3), ("wx", torch.float32, 12), ("wx", torch.bfloat16, 3)]
+)
+def test_padded_matmul_bits_do_not_depend_on_alignment_where_it_is_used(orientation, dtype, rows):
     """Where the auto rule takes a batched form on this CPU, its bits do not move with the operands' memory
     offsets (what save/load parity needs); elsewhere the rule must not take it."""
     from modeling_moe.cpu_kernels import _bmm_eligible, padded_matmul
 
-    eligible = _bmm_eligible(orientation, dtype, 3, 96, 40)
+    eligible = _bmm_eligible(orientation, dtype, rows, 96, 40)
     g = torch.Generator().manual_seed(1)
     w = torch.randn(2, 96, 40, generator=g).to(dtype)
-    x = torch.randn(2, 3, 40, generator=g).to(dtype)
+    x = torch.randn(2, rows, 40, generator=g).to(dtype)
     reference = padded_matmul(x, w, None, orientation)
     torch.testing.assert_close(reference, torch.stack([F.linear(x[i], w[i]) for i in range(2)]))
     shifted = [
