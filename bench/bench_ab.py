@@ -35,7 +35,16 @@ import torch
 if __package__ in (None, ""):  # run as a script (python bench/bench_ab.py): make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.bench_block import MODES, SHAPE_LABELS, SHAPES, Blocks, block_call, build_blocks, weight_floor_variant
+from bench.bench_block import (
+    MODES,
+    SHAPE_LABELS,
+    SHAPES,
+    Blocks,
+    block_call,
+    build_blocks,
+    rel_err,
+    weight_floor_variant,
+)
 from bench.common import (
     DTYPES,
     add_common_args,
@@ -94,8 +103,7 @@ def agreement(new: torch.nn.Module, old: torch.nn.Module, x: torch.Tensor) -> tu
     """(bitwise equal, max |new - old| / max |old|) of the two blocks' no-grad outputs on `x`."""
     with torch.no_grad():
         a, b = new(x), old(x)
-    err = ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
-    return torch.equal(a, b), err
+    return torch.equal(a, b), rel_err(a, b)
 
 
 def time_cell(new, old, hf, x, mode: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
