@@ -5,10 +5,10 @@ GEMMs over the groups zero-padded to the largest one; see its docstring).
 The experts' few-token path multiplies each hit expert's weights by 1-3 rows. Two exact kernels compute
 `F.linear(x_nD, w_OD)` there:
     "linear"  `F.linear`: MKL's GEMV / small GEMM.
-    "vecdot"  one `torch.linalg.vecdot` per input row (a multiply and an ATen reduction over D, on every thread).
-Which one is faster depends on the processor (bench/RESULTS.md, one table per CPU kind): on a 2-core AMD EPYC
-(avx512_bf16, no AMX) the vecdot kernel streams the weights 2x faster than MKL's GEMV (MKL runs its generic
-code path there); on a 2-core Intel Xeon with AMX, MKL's GEMV is the fast one and vecdot is 3-15x slower.
+    "vecdot"  a multiply and an ATen sum over D, a block of weight rows at a time (`vecdot_linear`).
+Which one is faster depends on the processor (bench/RESULTS.md, one table per CPU kind): on two 2-core AMD EPYC
+machines (avx512_bf16, no AMX) the vecdot kernel streams the weights 1.4-2x faster than MKL's GEMV (MKL runs its
+generic code path there); on a 2-core Intel Xeon with AMX, MKL's GEMV is the fast one and vecdot is 3-15x slower.
 
 Bits. A checkpoint loaded from safetensors may hold its weights at any offset, and its logits must equal those
 of the model it came from, in a fresh process. So a kernel is only used where its bits do not depend on the
@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import os
 import platform
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +51,10 @@ FP32_XW_MAX_P = 6
 # Elements of the (c, P, 2I) intermediate of one batched call over c experts (16 MiB in bfloat16).
 PADDED_CHUNK_ELEMENTS = 1 << 23
 FEW_ROW_KERNELS = ("linear", "vecdot")
+# Elements of the vecdot kernel's per-thread products buffer (4 MiB in float32): a block of weight rows times the
+# input rows, small enough to stay in cache between the multiply and the sum.
+VECDOT_SCRATCH_ELEMENTS = 1 << 20
+_SCRATCH = threading.local()
 # Offsets in elements off a 64-byte boundary at which `_alignment_invariant` places a copy of the weights (in
 # float32 4, 8, 12, 16, 32 and 64 bytes, in bfloat16 half that: every power-of-two alignment class a vector
 # kernel's peeling can depend on) and of the input rows.
@@ -60,11 +65,39 @@ _INPUT_OFFSETS = (1, 3)
 _PROBE_ROWS = 512
 
 
+def _scratch(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """This thread's scratch buffer of at least `numel` elements of `dtype` (kept for the next call)."""
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or buf.dtype != dtype or buf.numel() < numel:
+        buf = _SCRATCH.buf = torch.empty(numel, dtype=dtype)
+    return buf[:numel]
+
+
 def vecdot_linear(x_nD: torch.Tensor, w_OD: torch.Tensor) -> torch.Tensor:
-    """`F.linear(x_nD, w_OD)` as one vecdot per input row: (O, D) . (1, 1, D) -> (1, O), rows one at a time
-    (no (n, O, D) product is allocated). Bitwise independent of the operands' alignment and of n."""
-    rows = [torch.linalg.vecdot(w_OD, x_nD[r : r + 1].unsqueeze(1)) for r in range(x_nD.shape[0])]
-    return rows[0] if len(rows) == 1 else torch.cat(rows)
+    """`F.linear(x_nD, w_OD)` as a multiply and an ATen sum over D: y[n, o] = sum_d x[n, d] * w[o, d], (n, O).
+
+    The weights are read from memory once, a block of r rows at a time: the (n, r, D) products of a block go into
+    this thread's scratch buffer (at most `VECDOT_SCRATCH_ELEMENTS`, so the block stays in cache while each of the
+    n rows multiplies it) and are summed straight into the output. It is `torch.linalg.vecdot(w_OD, x_n1D)`
+    (a multiply, then a sum) without its (n, O, D) product: allocating that on every call left the allocator
+    mapping fresh pages and page-faulting them in some processes (on an AMD EPYC the same call took 4.5 ms in one
+    process and 37 ms in another; bench/RESULTS.md). Each output's sum runs over all of D in one ATen reduction,
+    so the bits are `torch.linalg.vecdot`'s for every block size and row count (tested), and independent of the
+    operands' alignment (ATen's reductions use unaligned vector loads; checked by `_alignment_invariant`)."""
+    if torch.is_grad_enabled() and (x_nD.requires_grad or w_OD.requires_grad):  # the same ops, differentiable
+        return torch.linalg.vecdot(w_OD, x_nD.unsqueeze(1))
+    n, D = x_nD.shape
+    O = w_OD.shape[0]
+    rows = max(1, min(O, VECDOT_SCRATCH_ELEMENTS // max(1, n * D)))
+    products = _scratch(n * rows * D, torch.promote_types(x_nD.dtype, w_OD.dtype))
+    y_nO = torch.empty(n, O, dtype=products.dtype)
+    x_n1D = x_nD.unsqueeze(1)
+    for start in range(0, O, rows):
+        r = min(rows, O - start)
+        prod_nrD = products[: n * r * D].view(n, r, D)
+        torch.mul(w_OD[start : start + r], x_n1D, out=prod_nrD)
+        torch.sum(prod_nrD, dim=-1, out=y_nO[:, start : start + r])
+    return y_nO
 
 
 def _linear_no_bias(x_nD: torch.Tensor, w_OD: torch.Tensor) -> torch.Tensor:
@@ -124,15 +157,17 @@ def padded_plan(x_TD: torch.Tensor, counts: list[int], intermediate: int) -> Pad
     over the zero-padded groups) or None (one GEMM pair per expert, `experts.GroupedExperts`).
 
     "auto" (the default of `MOE_CPU_GROUPED_KERNEL`), a rule of the CPU kind, the dtype and the counts, never a
-    timing (measurements: bench/RESULTS.md, Intel Xeon with AMX):
+    timing (measurements: bench/RESULTS.md, one table per CPU kind):
       - few rows per expert (P <= `FEW_ROWS_MAX_P`, decoding batches): moving the weights is the cost, and one
         batched call reads them at about the rate of a sum over them, where a GEMM pair per expert pays a call
         and a thread fork-join per expert. Taken when the routing hits at least half of the experts (the batched
-        call reads every expert) with bfloat16 on AMX ("wx") or float32 on a CPU whose few-row kernel is MKL's
-        (`preference_order`; "xw" up to `FP32_XW_MAX_P` rows, "wx" above);
+        call reads every expert) with bfloat16 on a CPU with AMX or avx512_bf16 (`bf16_few_rows_orientation`) or
+        float32 on a CPU whose few-row kernel is MKL's (`preference_order`; "xw" up to `FP32_XW_MAX_P` rows, "wx"
+        above);
       - more rows: bfloat16 on AMX, while padding adds at most `PADDED_BMM_MAX_ROWS_RATIO - 1` of the rows
         ("xw"): oneDNN's batched GEMM over a few experts at a time runs faster than per-expert GEMMs of a few
-        hundred rows. float32 keeps the loop (with hundreds of rows the batched GEMM is no faster).
+        hundred rows. Without AMX (AMD EPYC, avx512_bf16) the same batched GEMM is 1.10-1.53x slower than the
+        loop there, and float32 keeps the loop everywhere (with hundreds of rows the batched GEMM is no faster).
     A batched form is used only where its bits do not depend on where the weights and rows sit in memory
     (`_alignment_invariant`, as for the few-row kernel), so a checkpoint reloaded from safetensors gives the
     same logits. "bmm" (any dtype; "wx" for bfloat16 with few rows, else "xw") or "loop" pins it."""
@@ -146,12 +181,16 @@ def padded_plan(x_TD: torch.Tensor, counts: list[int], intermediate: int) -> Pad
     few_rows = P <= FEW_ROWS_MAX_P
     if value == "bmm":
         return PaddedPlan("wx" if few_rows and x_TD.dtype == torch.bfloat16 else "xw", chunk)
-    amx_bf16 = x_TD.dtype == torch.bfloat16 and "amx_bf16" in cpu_flags()
+    bf16 = x_TD.dtype == torch.bfloat16
+    amx_bf16 = bf16 and "amx_bf16" in cpu_flags()
     mkl_fp32 = x_TD.dtype == torch.float32 and preference_order(cpu_vendor())[0] == "linear"
     if few_rows:
         if 2 * sum(n > 0 for n in counts) < E:  # a call over every expert would read over twice the bytes
             return None
-        orientation = "wx" if amx_bf16 else ("xw" if P <= FP32_XW_MAX_P else "wx") if mkl_fp32 else None
+        if bf16:
+            orientation = bf16_few_rows_orientation(cpu_flags())
+        else:
+            orientation = ("xw" if P <= FP32_XW_MAX_P else "wx") if mkl_fp32 else None
     else:
         orientation = "xw" if amx_bf16 and E * P <= PADDED_BMM_MAX_ROWS_RATIO * sum(counts) else None
     if orientation is None:
@@ -160,6 +199,23 @@ def padded_plan(x_TD: torch.Tensor, counts: list[int], intermediate: int) -> Pad
         if not _bmm_eligible(orientation, x_TD.dtype, P, O, X):
             return None
     return PaddedPlan(orientation, chunk)
+
+
+def bf16_few_rows_orientation(flags: frozenset[str]) -> str | None:
+    """The batched form for bfloat16 with few rows per expert on a CPU with these flags, or None (the loop).
+
+    Measured (bench/RESULTS.md, one table per CPU kind), one batched call over all experts against one GEMM pair
+    per expert, 1-64 rows per expert:
+        amx_bf16      "wx" (Intel Xeon with AMX: oneDNN's AMX kernels read the weights as stored at about the rate
+                      of a sum over them; "xw" 1.6x slower)
+        avx512_bf16   "xw" (AMD EPYC, no AMX: 0.76-0.95x the loop's time on decode-sized and batched-decode
+                      blocks; "wx" 1.2x slower than the loop)
+        neither       None (not measured: the loop)"""
+    if "amx_bf16" in flags:
+        return "wx"
+    if "avx512_bf16" in flags:
+        return "xw"
+    return None
 
 
 def padded_matmul(x_cPX: torch.Tensor, w_cOX: torch.Tensor, bias_cO: torch.Tensor | None, orientation: str, out=None):
@@ -255,6 +311,7 @@ __all__ = [
     "GROUPED_KERNEL_ENV",
     "KERNEL_ENV",
     "PaddedPlan",
+    "bf16_few_rows_orientation",
     "cpu_flags",
     "few_row_kernel",
     "few_row_linear",

@@ -157,6 +157,7 @@ def test_padded_plan_rule(monkeypatch):
         PADDED_CHUNK_ELEMENTS,
         PaddedPlan,
         _bmm_eligible,
+        bf16_few_rows_orientation,
         cpu_flags,
         cpu_vendor,
         padded_plan,
@@ -175,7 +176,8 @@ def test_padded_plan_rule(monkeypatch):
     assert padded_plan(x16, skewed, 8) is None
     assert 4 * max(skewed) > PADDED_BMM_MAX_ROWS_RATIO * sum(skewed)
     few = [3, 1, 0, 2]  # few rows, 3 of 4 experts hit
-    assert (padded_plan(x16, few, 8) is not None) == amx
+    few_bf16 = bf16_few_rows_orientation(cpu_flags())
+    assert (padded_plan(x16, few, 8) or PaddedPlan(None, 4)) == PaddedPlan(few_bf16, 4)
     assert (padded_plan(x32, few, 8) is not None) == mkl
     assert padded_plan(x32, [3, 0, 0, 0], 8) is None  # the batched call would read 4 experts for 1
     if mkl:  # float32: x @ W^T up to FP32_XW_MAX_P rows, W @ x^T above (where its bits pass the alignment check)
@@ -205,8 +207,20 @@ def test_padded_plan_rule(monkeypatch):
         padded_plan(x16, [1], 8)
 
 
+def test_bf16_few_rows_orientation_per_cpu_kind():
+    """bfloat16 with few rows per expert: "wx" on AMX, "xw" with avx512_bf16 alone, the loop elsewhere (measured:
+    bench/RESULTS.md); AMX decides where a CPU has both."""
+    from modeling_moe.cpu_kernels import bf16_few_rows_orientation
+
+    assert bf16_few_rows_orientation(frozenset({"avx512f", "avx512_bf16", "amx_tile", "amx_bf16"})) == "wx"
+    assert bf16_few_rows_orientation(frozenset({"avx512f", "avx512_bf16"})) == "xw"
+    assert bf16_few_rows_orientation(frozenset({"avx2", "fma"})) is None
+    assert bf16_few_rows_orientation(frozenset()) is None
+
+
 @pytest.mark.parametrize(
-    "orientation,dtype,rows", [("xw", torch.float32, 3), ("wx", torch.float32, 12), ("wx", torch.bfloat16, 3)]
+    "orientation,dtype,rows",
+    [("xw", torch.float32, 3), ("wx", torch.float32, 12), ("wx", torch.bfloat16, 3), ("xw", torch.bfloat16, 3)],
 )
 def test_padded_matmul_bits_do_not_depend_on_alignment_where_it_is_used(orientation, dtype, rows):
     """Where the auto rule takes a batched form on this CPU, its bits do not move with the operands' memory
@@ -261,3 +275,35 @@ def test_expert_order_refuses_negative_indices():
 
     with pytest.raises(ValueError, match="indices_TK"):
         experts._expert_order(torch.tensor([[0, -1]]), 4)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3])
+# the default buffer; ragged blocks of 7 weight rows (the last of 5); one block of all 40
+@pytest.mark.parametrize("scratch", [None, 7 * 24, 40 * 24])
+def test_vecdot_kernel_gives_vecdots_bits_for_every_block_size(monkeypatch, rows, scratch):
+    """The vecdot kernel sums blocks of weight rows through a scratch buffer; every output is still one ATen sum over
+    all of D, so its bits are `torch.linalg.vecdot`'s (row by row and all rows at once) whatever the block size."""
+    if scratch is not None:
+        monkeypatch.setattr(cpu_kernels, "VECDOT_SCRATCH_ELEMENTS", scratch * rows)
+    w, x = torch.randn(40, 24), torch.randn(rows, 24)
+    y = cpu_kernels.vecdot_linear(x, w)
+    assert y.shape == (rows, 40)
+    assert torch.equal(y, torch.linalg.vecdot(w, x.unsqueeze(1)))
+    assert torch.equal(y, torch.cat([torch.linalg.vecdot(w, x[r : r + 1].unsqueeze(1)) for r in range(rows)]))
+    torch.testing.assert_close(y, F.linear(x, w))
+
+
+def test_vecdot_kernel_is_differentiable_and_thread_safe():
+    w = torch.randn(40, 24, requires_grad=True)
+    x = torch.randn(2, 24)
+    y = cpu_kernels.vecdot_linear(x, w)
+    y.sum().backward()
+    torch.testing.assert_close(w.grad, x.sum(0).expand(40, 24))
+    # each thread multiplies into its own scratch buffer: concurrent calls give each caller its own result
+    from concurrent.futures import ThreadPoolExecutor
+
+    cases = [(torch.randn(3, 24), torch.randn(40 + i, 24)) for i in range(8)]
+    with torch.no_grad(), ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda c: cpu_kernels.vecdot_linear(*c), cases * 4))
+    for (xi, wi), yi in zip(cases * 4, results):
+        assert torch.equal(yi, torch.linalg.vecdot(wi, xi.unsqueeze(1)))
