@@ -474,6 +474,7 @@ class MoePreTrainedModel(PreTrainedModel):
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         _warn_initialized_moe_tensors(model, info)
+        _align_cpu_tensors(model)
         return (model, info) if want_info else model
 
     def save_pretrained(self, save_directory, *args, **kwargs):
@@ -580,6 +581,32 @@ class MoePreTrainedModel(PreTrainedModel):
                 counts_E = torch.bincount(kept.reshape(-1), minlength=E + 1)[:E]
                 for router in routers:
                     router.load_counts += counts_E.to(router.load_counts)
+
+
+# Byte alignment of the CPU tensors of a loaded model (torch's CPU allocator aligns every allocation to 64 bytes).
+CPU_TENSOR_ALIGNMENT = 64
+
+
+def _align_cpu_tensors(model: nn.Module) -> None:
+    """Give every CPU parameter and buffer that sits off a `CPU_TENSOR_ALIGNMENT`-byte boundary its own aligned copy.
+
+    transformers keeps the tensors of a memory-mapped safetensors file as views into the file, at whatever offset
+    its header leaves them, while a model built in memory has every tensor aligned. On some CPUs the BLAS kernels'
+    bits depend on that alignment (MKL's float32 GEMV on an AMD EPYC: a one-token decode step of the reloaded
+    model gave other logits than the saved model's; bench/RESULTS.md), so without this a reloaded checkpoint
+    would not reproduce the model it came from. Tensor subclasses (DTensor shards) and other devices are left as
+    they are; tied parameters stay tied (the Parameter object is kept, its data replaced once)."""
+    for module in model.modules():
+        for tensors in (module._parameters, module._buffers):
+            for name, t in tensors.items():
+                if t is None or t.device.type != "cpu" or type(t.data) is not torch.Tensor:
+                    continue
+                if t.data_ptr() % CPU_TENSOR_ALIGNMENT:
+                    aligned = t.data.clone(memory_format=torch.contiguous_format)
+                    if isinstance(t, nn.Parameter):
+                        t.data = aligned  # every module holding this Parameter sees the copy
+                    else:
+                        tensors[name] = aligned
 
 
 def _warn_initialized_moe_tensors(model: nn.Module, loading_info: dict) -> None:

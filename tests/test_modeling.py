@@ -187,6 +187,25 @@ def test_save_and_reload_in_process(tmp_path):
     torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_reloaded_cpu_tensors_are_aligned_and_decode_bitwise(tmp_path, tied):
+    """transformers keeps a memory-mapped checkpoint's tensors as views into the file, off cache-line boundaries;
+    `from_pretrained` gives each its own 64-byte aligned copy (MKL's GEMV bits depend on alignment on some CPUs),
+    keeping tied weights tied, so a one-token decode step reproduces the saved model bit for bit."""
+    model = MoeForCausalLM(tiny_config(tie_word_embeddings=tied, mlp_bias=True)).eval()
+    model.save_pretrained(tmp_path)
+    reloaded = MoeForCausalLM.from_pretrained(tmp_path).eval()
+    tensors = dict(reloaded.named_parameters()) | dict(reloaded.named_buffers())
+    assert tensors and all(t.data_ptr() % 64 == 0 for t in tensors.values()), [
+        n for n, t in tensors.items() if t.data_ptr() % 64
+    ]
+    assert (reloaded.lm_head.weight is reloaded.model.embed_tokens.weight) == tied
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids[:1, :1]).logits, model(ids[:1, :1]).logits)
+        assert torch.equal(reloaded(ids).logits, model(ids).logits)
+
+
 def test_device_map_auto_loads(tmp_path):
     pytest.importorskip("accelerate")
     MoeForCausalLM(tiny_config()).save_pretrained(tmp_path)
