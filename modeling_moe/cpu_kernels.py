@@ -14,6 +14,10 @@ Bits. A checkpoint loaded from safetensors may hold its weights at any offset, a
 of the model it came from, in a fresh process. So a kernel is only used where its bits do not depend on the
 weights' (or the input rows') memory alignment: on the AMD EPYC, MKL's GEMV does depend on it, so "linear" is
 not eligible there. Eligibility is checked bitwise, once per process and shape, by `_alignment_invariant`.
+A batched GEMM whose bits move only when an operand sits off a `CPU_ALIGNMENT` boundary (MKL's float32 kernels
+on the AMD EPYC: the same bits at every aligned address, checked the same way) is used on aligned operands only:
+the rows are fresh allocations, `from_pretrained` aligns a loaded model's tensors, and the forward copies any
+other weight tensor that sits off the boundary (`PaddedPlan.aligned_weights`).
 The choice never depends on a timing: a timing-based choice could differ between two processes and with it
 the bits of a forward. It is, for each shape, the first eligible kernel of a fixed preference order:
     GenuineIntel CPUs   ("linear", "vecdot")   (measured on an Intel Xeon with AMX)
@@ -27,6 +31,7 @@ pins `padded_plan`; the batched forms pass the same alignment check before "auto
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import platform
@@ -48,6 +53,9 @@ FEW_ROWS_MAX_P = 64
 # float32 with few rows where the few-row kernel is MKL's (Intel): `x @ W^T` up to this many rows per expert,
 # `W @ x^T` above (MKL's `x @ W^T` with 7-15 rows runs well below its rate with 1-6 or 16).
 FP32_XW_MAX_P = 6
+# float32 with few rows on an AMD EPYC: `W @ x^T` up to this many rows per expert, the loop above (decode-sized
+# blocks: 0.61x the loop's time with 3 rows, 0.77x with 8, 1.29x with 12, 1.30x with 22; bench/RESULTS.md).
+AMD_FP32_WX_MAX_P = 8
 # Elements of the (c, P, 2I) intermediate of one batched call over c experts (16 MiB in bfloat16).
 PADDED_CHUNK_ELEMENTS = 1 << 23
 FEW_ROW_KERNELS = ("linear", "vecdot")
@@ -55,6 +63,9 @@ FEW_ROW_KERNELS = ("linear", "vecdot")
 # input rows, small enough to stay in cache between the multiply and the sum.
 VECDOT_SCRATCH_ELEMENTS = 1 << 20
 _SCRATCH = threading.local()
+# Byte alignment of every allocation of torch's CPU allocator, and of every CPU tensor of a model loaded with
+# `from_pretrained` (modeling_moe.py gives tensors that a memory-mapped file left off it an aligned copy).
+CPU_ALIGNMENT = 64
 # Offsets in elements off a 64-byte boundary at which `_alignment_invariant` places a copy of the weights (in
 # float32 4, 8, 12, 16, 32 and 64 bytes, in bfloat16 half that: every power-of-two alignment class a vector
 # kernel's peeling can depend on) and of the input rows.
@@ -146,10 +157,21 @@ class PaddedPlan:
                  weights as stored (dy @ W), the faster form in both dtypes.
     experts_per_call  experts per `torch.bmm`: the (c, P, 2I) intermediate stays within `PADDED_CHUNK_ELEMENTS`
                  (16 MiB in bfloat16), where one call over all E experts would page-fault and spill the cache.
+    aligned_weights  the batched GEMMs' bits are the same wherever `CPU_ALIGNMENT`-aligned operands sit, but not
+                 at every offset (MKL's float32 kernels on an AMD EPYC): the forward then multiplies aligned
+                 weights, copying a weight tensor that sits off that boundary for the call (`cpu_aligned`), so that
+                 the bits do not depend on where a checkpoint's tensors were loaded. The padded rows and the
+                 activations are fresh allocations, always aligned.
+    rows_down_input  "wx" only: the down projection multiplies a row-major (c, P, I) copy of the SwiGLU output,
+                 which "wx" leaves column-major (c, I, P): MKL's float32 `W @ h^T` on an AMD EPYC runs 2.6x faster
+                 with the row-major operand (0.96-1.02 against 2.63-2.65 ms for 8 decode-sized experts, 3 rows),
+                 and the copy is P x I elements per expert. Not measured on AMX, where the plan keeps the layout.
     """
 
     orientation: str
     experts_per_call: int
+    aligned_weights: bool = False
+    rows_down_input: bool = False
 
 
 def padded_plan(x_TD: torch.Tensor, counts: list[int], intermediate: int) -> PaddedPlan | None:
@@ -161,9 +183,11 @@ def padded_plan(x_TD: torch.Tensor, counts: list[int], intermediate: int) -> Pad
       - few rows per expert (P <= `FEW_ROWS_MAX_P`, decoding batches): moving the weights is the cost, and one
         batched call reads them at about the rate of a sum over them, where a GEMM pair per expert pays a call
         and a thread fork-join per expert. Taken when the routing hits at least half of the experts (the batched
-        call reads every expert) with bfloat16 on a CPU with AMX or avx512_bf16 (`bf16_few_rows_orientation`) or
+        call reads every expert) with bfloat16 on a CPU with AMX or avx512_bf16 (`bf16_few_rows_orientation`),
         float32 on a CPU whose few-row kernel is MKL's (`preference_order`; "xw" up to `FP32_XW_MAX_P` rows, "wx"
-        above);
+        above) or float32 on an AMD EPYC up to `AMD_FP32_WX_MAX_P` rows ("wx" on aligned weights: MKL's bits
+        there depend on the operands' placement off a cache line, not on where aligned operands sit;
+        `PaddedPlan.aligned_weights`);
       - more rows: bfloat16 on AMX, while padding adds at most `PADDED_BMM_MAX_ROWS_RATIO - 1` of the rows
         ("xw"): oneDNN's batched GEMM over a few experts at a time runs faster than per-expert GEMMs of a few
         hundred rows. Without AMX (AMD EPYC, avx512_bf16) the same batched GEMM is 1.10-1.53x slower than the
@@ -189,16 +213,33 @@ def padded_plan(x_TD: torch.Tensor, counts: list[int], intermediate: int) -> Pad
             return None
         if bf16:
             orientation = bf16_few_rows_orientation(cpu_flags())
+        elif mkl_fp32:
+            orientation = "xw" if P <= FP32_XW_MAX_P else "wx"
+        elif x_TD.dtype == torch.float32 and cpu_vendor() == "AuthenticAMD" and P <= AMD_FP32_WX_MAX_P:
+            # W @ x^T on aligned operands: MKL's bits there hold at aligned placements only
+            plan = _eligible_plan("wx", x_TD.dtype, P, D, intermediate, chunk, aligned=True)
+            return plan if plan is None else dataclasses.replace(plan, rows_down_input=True)
         else:
-            orientation = ("xw" if P <= FP32_XW_MAX_P else "wx") if mkl_fp32 else None
+            orientation = None
     else:
         orientation = "xw" if amx_bf16 and E * P <= PADDED_BMM_MAX_ROWS_RATIO * sum(counts) else None
     if orientation is None:
         return None
+    return _eligible_plan(orientation, x_TD.dtype, P, D, intermediate, chunk)
+
+
+def _eligible_plan(orientation, dtype, P: int, D: int, intermediate: int, chunk: int, aligned: bool = False):
+    """The plan, if both projections' batched GEMMs pass the alignment check (at every offset, or with `aligned`
+    at every `CPU_ALIGNMENT`-aligned one), else None."""
     for O, X in ((2 * intermediate, D), (D, intermediate)):  # gate/up, then down
-        if not _bmm_eligible(orientation, x_TD.dtype, P, O, X):
+        if not _bmm_eligible(orientation, dtype, P, O, X, aligned):
             return None
-    return PaddedPlan(orientation, chunk)
+    return PaddedPlan(orientation, chunk, aligned)
+
+
+def cpu_aligned(t: torch.Tensor) -> torch.Tensor:
+    """`t`, or a contiguous copy of it where its data sits off a `CPU_ALIGNMENT`-byte boundary."""
+    return t if t.data_ptr() % CPU_ALIGNMENT == 0 else t.clone(memory_format=torch.contiguous_format)
 
 
 def bf16_few_rows_orientation(flags: frozenset[str]) -> str | None:
@@ -235,17 +276,19 @@ def padded_matmul(x_cPX: torch.Tensor, w_cOX: torch.Tensor, bias_cO: torch.Tenso
     return y_cOP.transpose(1, 2)
 
 
-def _bmm_eligible(orientation: str, dtype: torch.dtype, P: int, O: int, D: int) -> bool:
-    """Whether the batched form gives alignment-independent bits for P rows times (O, D) weights, with this
-    process's thread count (the kernel a GEMM library picks can depend on it); checked once, cached."""
-    return _bmm_eligible_cached(orientation, dtype, P, O, D, torch.get_num_threads())
+def _bmm_eligible(orientation: str, dtype: torch.dtype, P: int, O: int, D: int, aligned: bool = False) -> bool:
+    """Whether the batched form gives alignment-independent bits for P rows times (O, D) weights (with `aligned`:
+    the same bits at every `CPU_ALIGNMENT`-aligned placement), with this process's thread count (the kernel a
+    GEMM library picks can depend on it); checked once, cached."""
+    return _bmm_eligible_cached(orientation, dtype, P, O, D, torch.get_num_threads(), aligned)
 
 
 @functools.cache
-def _bmm_eligible_cached(orientation: str, dtype: torch.dtype, P: int, O: int, D: int, threads: int) -> bool:
-    return _alignment_invariant(
-        lambda x_nD, w_OD: padded_matmul(x_nD.unsqueeze(0), w_OD.unsqueeze(0), None, orientation)[0], P, O, D, dtype
-    )
+def _bmm_eligible_cached(orientation, dtype, P: int, O: int, D: int, threads: int, aligned: bool) -> bool:
+    def kernel(x_nD, w_OD):
+        return padded_matmul(x_nD.unsqueeze(0), w_OD.unsqueeze(0), None, orientation)[0]
+
+    return _alignment_invariant(kernel, P, O, D, dtype, aligned=aligned)
 
 
 def preference_order(vendor: str) -> tuple[str, ...]:
@@ -258,17 +301,23 @@ def _shifted(t: torch.Tensor, offset: int) -> torch.Tensor:
     return torch.empty(t.numel() + offset, dtype=t.dtype)[offset:].view_as(t).copy_(t)
 
 
-def _alignment_invariant(kernel, n: int, O: int, D: int, dtype: torch.dtype = torch.float32) -> bool:
+def _alignment_invariant(
+    kernel, n: int, O: int, D: int, dtype: torch.dtype = torch.float32, aligned: bool = False
+) -> bool:
     """Whether `kernel` (a name of `_KERNELS`, or a callable (x_nD, w_OD) -> (n, O)) gives the same bits for
     (n, D) rows times (O, D) weights wherever either operand sits in memory: random operands, each placed at
-    several offsets off a cache line, compared bitwise (on the first `_PROBE_ROWS` weight rows)."""
+    several offsets off a cache line, compared bitwise (on the first `_PROBE_ROWS` weight rows). With `aligned`,
+    only at offsets of whole `CPU_ALIGNMENT`-byte blocks (1, 2, 3 and 5 of them)."""
     fn = _KERNELS[kernel] if isinstance(kernel, str) else kernel
     generator = torch.Generator().manual_seed(0)
     w_OD = torch.randn(min(O, _PROBE_ROWS), D, generator=generator).to(dtype)
     x_nD = torch.randn(n, D, generator=generator).to(dtype)
     reference = fn(x_nD, w_OD)
-    shifted = [(x_nD, _shifted(w_OD, off)) for off in _WEIGHT_OFFSETS] + [
-        (_shifted(x_nD, off), w_OD) for off in _INPUT_OFFSETS
+    block = CPU_ALIGNMENT // w_OD.element_size()
+    weight_offsets = tuple(block * k for k in (1, 2, 3, 5)) if aligned else _WEIGHT_OFFSETS
+    input_offsets = (block, 3 * block) if aligned else _INPUT_OFFSETS
+    shifted = [(x_nD, _shifted(w_OD, off)) for off in weight_offsets] + [
+        (_shifted(x_nD, off), w_OD) for off in input_offsets
     ]
     with torch.no_grad():
         return all(torch.equal(fn(x, w), reference) for x, w in shifted)
@@ -306,12 +355,14 @@ def few_row_linear(x_nD: torch.Tensor, w_OD: torch.Tensor, b_O: torch.Tensor | N
 
 
 __all__ = [
+    "CPU_ALIGNMENT",
     "FEW_ROW_KERNELS",
     "GROUPED_KERNELS",
     "GROUPED_KERNEL_ENV",
     "KERNEL_ENV",
     "PaddedPlan",
     "bf16_few_rows_orientation",
+    "cpu_aligned",
     "cpu_flags",
     "few_row_kernel",
     "few_row_linear",

@@ -28,7 +28,7 @@ from transformers.activations import ACT2FN
 from transformers.integrations import use_experts_implementation
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
-from .cpu_kernels import few_row_linear, padded_matmul, padded_plan
+from .cpu_kernels import cpu_aligned, few_row_linear, padded_matmul, padded_plan
 from .triton_experts import is_silu, triton_available, triton_experts_forward
 
 
@@ -326,6 +326,8 @@ def _padded_forward(
     E, _, I = down_EDI.shape
     (R,), K = layout.rows_R.shape, layout.slot_TK.shape[1]
     P, c, orientation = R // E, plan.experts_per_call, plan.orientation
+    if plan.aligned_weights:  # the kernels' bits hold at aligned placements only (cpu_kernels.PaddedPlan)
+        gate_up_EHD, down_EDI = cpu_aligned(gate_up_EHD), cpu_aligned(down_EDI)
     acc_dtype = torch.promote_types(x_TD.dtype, weights_TK.dtype)  # float32 for 16-bit x and router weights
     # the combine's weights, a dropped choice's zeroed, built before the GEMMs, which stream the weights through
     # the cache (small ops after them run cold)
@@ -343,10 +345,13 @@ def _padded_forward(
         # SwiGLU (Shazeer 2020, Eq. 6), out of place even without a backward: h is then contiguous, where the
         # in-place form leaves a strided view that the next bmm copies
         h_cPI = F.silu(gu_cPH[..., :I]).mul_(gu_cPH[..., I:])
+        if plan.rows_down_input:  # row-major for the down GEMM (cpu_kernels.PaddedPlan)
+            h_cPI = h_cPI.contiguous()
         if y_RD is None:  # one call over every expert, no drop: its (E, P, D) result is the padded rows
             y_RD = padded_matmul(h_cPI, down_EDI, _bias(down_bias_ED, e), orientation).reshape(R, D)
         elif orientation == "xw":  # straight into the output rows
-            padded_matmul(h_cPI, down_EDI[e], _bias(down_bias_ED, e), orientation, out=y_RD[e0 * P : e.stop * P])
+            y_cPD = y_RD[e0 * P : e.stop * P].view(-1, P, D)
+            padded_matmul(h_cPI, down_EDI[e], _bias(down_bias_ED, e), orientation, out=y_cPD)
         else:
             y_RD[e0 * P : e.stop * P].view(-1, P, D).copy_(
                 padded_matmul(h_cPI, down_EDI[e], _bias(down_bias_ED, e), orientation)

@@ -43,6 +43,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_moe import MoeConfig
+from .cpu_kernels import CPU_ALIGNMENT
 from .experts import OUR_EXPERTS_IMPLEMENTATIONS, MoeExperts
 from .losses import (
     importance_loss,
@@ -583,12 +584,8 @@ class MoePreTrainedModel(PreTrainedModel):
                     router.load_counts += counts_E.to(router.load_counts)
 
 
-# Byte alignment of the CPU tensors of a loaded model (torch's CPU allocator aligns every allocation to 64 bytes).
-CPU_TENSOR_ALIGNMENT = 64
-
-
 def _align_cpu_tensors(model: nn.Module) -> None:
-    """Give every CPU parameter and buffer that sits off a `CPU_TENSOR_ALIGNMENT`-byte boundary its own aligned copy.
+    """Give every CPU parameter and buffer off a `cpu_kernels.CPU_ALIGNMENT`-byte boundary an aligned copy.
 
     transformers keeps the tensors of a memory-mapped safetensors file as views into the file, at whatever offset
     its header leaves them, while a model built in memory has every tensor aligned. On some CPUs the BLAS kernels'
@@ -601,7 +598,7 @@ def _align_cpu_tensors(model: nn.Module) -> None:
             for name, t in tensors.items():
                 if t is None or t.device.type != "cpu" or type(t.data) is not torch.Tensor:
                     continue
-                if t.data_ptr() % CPU_TENSOR_ALIGNMENT:
+                if t.data_ptr() % CPU_ALIGNMENT:
                     aligned = t.data.clone(memory_format=torch.contiguous_format)
                     if isinstance(t, nn.Parameter):
                         t.data = aligned  # every module holding this Parameter sees the copy

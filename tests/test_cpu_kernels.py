@@ -85,7 +85,7 @@ def _close(got, expected, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("orientation", ["xw", "wx"])
+@pytest.mark.parametrize("orientation", ["xw", "wx", "wx-aligned-rows"])
 @pytest.mark.parametrize("experts_per_call", [1, 3, 4])
 def test_padded_experts_match_the_loop(dtype, bias, orientation, experts_per_call):
     """`PaddedExperts` (batched GEMMs over zero-padded groups) computes what `GroupedExperts` (one GEMM pair per
@@ -97,7 +97,8 @@ def test_padded_experts_match_the_loop(dtype, bias, orientation, experts_per_cal
     T, K, E = x.shape[0], indices.shape[1], gate_up.shape[0]
     order, counts, layout = _routing(indices, E, T)
     params = [t for t in (x, gate_up, down, weights, b1, b2) if t is not None]
-    plan = PaddedPlan(orientation, experts_per_call)
+    orientation, _, variant = orientation.partition("-")
+    plan = PaddedPlan(orientation, experts_per_call, aligned_weights=bool(variant), rows_down_input=bool(variant))
     expected = GroupedExperts.apply(x, gate_up, down, b1, b2, weights, order, counts, K, True)
     got = PaddedExperts.apply(x, gate_up, down, b1, b2, weights, order, layout, K, True, plan)
     _close(got, expected, dtype)
@@ -178,7 +179,14 @@ def test_padded_plan_rule(monkeypatch):
     few = [3, 1, 0, 2]  # few rows, 3 of 4 experts hit
     few_bf16 = bf16_few_rows_orientation(cpu_flags())
     assert (padded_plan(x16, few, 8) or PaddedPlan(None, 4)) == PaddedPlan(few_bf16, 4)
-    assert (padded_plan(x32, few, 8) is not None) == mkl
+    amd = cpu_vendor() == "AuthenticAMD"
+    if mkl or not amd:
+        assert (padded_plan(x32, few, 8) is not None) == mkl
+    else:  # float32 on an AMD EPYC: W @ x^T on aligned operands, where its bits hold at every aligned placement
+        eligible = all(_bmm_eligible("wx", torch.float32, 3, O, X, True) for O, X in ((16, 64), (64, 8)))
+        expected = PaddedPlan("wx", 4, aligned_weights=True, rows_down_input=True) if eligible else None
+        assert padded_plan(x32, few, 8) == expected
+        assert padded_plan(x32, [cpu_kernels.AMD_FP32_WX_MAX_P + 1, 1, 1, 1], 8) is None  # more rows: the loop
     assert padded_plan(x32, [3, 0, 0, 0], 8) is None  # the batched call would read 4 experts for 1
     if mkl:  # float32: x @ W^T up to FP32_XW_MAX_P rows, W @ x^T above (where its bits pass the alignment check)
         for counts, orientation in (
@@ -307,3 +315,45 @@ def test_vecdot_kernel_is_differentiable_and_thread_safe():
         results = list(pool.map(lambda c: cpu_kernels.vecdot_linear(*c), cases * 4))
     for (xi, wi), yi in zip(cases * 4, results):
         assert torch.equal(yi, torch.linalg.vecdot(wi, xi.unsqueeze(1)))
+
+
+def test_the_aligned_check_tells_alignment_dependence_from_aligned_placements():
+    """A kernel whose bits depend on where its weights sit off a cache line (as MKL's float32 kernels do on an AMD
+    EPYC) fails the full check and passes the aligned one; one whose bits change from call to call fails both."""
+    from modeling_moe.cpu_kernels import CPU_ALIGNMENT, _alignment_invariant
+
+    def off_line(x, w):  # a last-bit difference for weights off a CPU_ALIGNMENT boundary
+        y = F.linear(x, w)
+        return torch.nextafter(y, torch.full_like(y, float("inf"))) if w.data_ptr() % CPU_ALIGNMENT else y
+
+    calls = []
+
+    def drifting(x, w):  # the reference call gives F.linear's bits, every later call one step above
+        y = F.linear(x, w)
+        calls.append(1)
+        return torch.nextafter(y, torch.full_like(y, float("inf"))) if len(calls) > 1 else y
+
+    assert not _alignment_invariant(off_line, 2, 48, 24) and _alignment_invariant(off_line, 2, 48, 24, aligned=True)
+    assert not _alignment_invariant(drifting, 2, 48, 24, aligned=True)
+    assert _alignment_invariant("vecdot", 2, 48, 24) and _alignment_invariant("vecdot", 2, 48, 24, aligned=True)
+
+
+@pytest.mark.parametrize("offset", [1, 3, 8])
+def test_a_plan_on_aligned_weights_gives_the_same_bits_for_weights_off_a_cache_line(offset):
+    """With `aligned_weights` the forward multiplies a 64-byte aligned copy of weights that sit elsewhere (a tensor
+    assigned from a memory-mapped file), so its bits are those of the aligned weights, whatever the kernel does."""
+    from modeling_moe.cpu_kernels import PaddedPlan, cpu_aligned
+    from modeling_moe.experts import _padded_forward
+
+    x, gate_up, down, b1, b2, indices, weights, _ = _experts_case(torch.float32, True)
+    T, E = x.shape[0], gate_up.shape[0]
+    _, _, layout = _routing(indices, E, T)
+    plan = PaddedPlan("wx", E, aligned_weights=True)
+    with torch.no_grad():
+        reference = _padded_forward(x, gate_up, down, b1, b2, weights, layout, plan, None)
+        shifted = [_shifted(w.detach(), offset) for w in (gate_up, down)]
+        assert all(w.data_ptr() % 64 for w in shifted)
+        assert torch.equal(_padded_forward(x, *shifted, b1, b2, weights, layout, plan, None), reference)
+    assert cpu_aligned(gate_up) is gate_up
+    copy = cpu_aligned(shifted[0])
+    assert copy.data_ptr() % 64 == 0 and torch.equal(copy, shifted[0])
