@@ -107,6 +107,25 @@ def cpu_model_name() -> str:
 CPU_FLAGS_THAT_MATTER = ("avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
 
 
+def cpu_kind() -> str | None:
+    """Vendor, family and model from /proc/cpuinfo, e.g. "AuthenticAMD family 26 model 2": a KVM guest's model
+    name is often just "AMD EPYC", and two generations of one name choose kernels differently."""
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("vendor_id", "cpu family", "model") and key not in fields:
+                fields[key] = value.strip()
+            if not line.strip() and fields:  # the end of the first processor's block
+                break
+    except OSError:
+        return None
+    if not fields:
+        return None
+    return f"{fields.get('vendor_id', '?')} family {fields.get('cpu family', '?')} model {fields.get('model', '?')}"
+
+
 def cpu_flags_that_matter() -> list[str]:
     """Which of `CPU_FLAGS_THAT_MATTER` /proc/cpuinfo lists (they decide the CPU kernels: bench/RESULTS.md)."""
     try:
@@ -153,6 +172,7 @@ def env_info(device: torch.device) -> dict[str, Any]:
         "python": platform.python_version(),
         "device": str(device),
         "cpu": cpu_model_name(),
+        "cpu_kind": cpu_kind(),
         "cpu_flags": cpu_flags_that_matter(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),

@@ -127,6 +127,8 @@ def test_cpu_model_benchmark_smoke(tmp_path):
         assert text in out, text
     result = json.loads(out_json.read_text())
     assert all(result["gen"]["same_continuation"].values()), result["gen"]["same_continuation"]
+    if Path("/proc/cpuinfo").exists():  # every result names the CPU kind it was measured on
+        assert result["env"]["cpu_kind"] and " family " in result["env"]["cpu_kind"], result["env"]
 
 
 def _git_checkout() -> bool:
