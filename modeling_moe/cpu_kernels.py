@@ -31,7 +31,6 @@ pins `padded_plan`; the batched forms pass the same alignment check before "auto
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 import platform
@@ -217,8 +216,7 @@ def padded_plan(x_TD: torch.Tensor, counts: list[int], intermediate: int) -> Pad
             orientation = "xw" if P <= FP32_XW_MAX_P else "wx"
         elif x_TD.dtype == torch.float32 and cpu_vendor() == "AuthenticAMD" and P <= AMD_FP32_WX_MAX_P:
             # W @ x^T on aligned operands: MKL's bits there hold at aligned placements only
-            plan = _eligible_plan("wx", x_TD.dtype, P, D, intermediate, chunk, aligned=True)
-            return plan if plan is None else dataclasses.replace(plan, rows_down_input=True)
+            return _eligible_plan("wx", x_TD.dtype, P, D, intermediate, chunk, aligned=True, rows_down_input=True)
         else:
             orientation = None
     else:
@@ -228,13 +226,15 @@ def padded_plan(x_TD: torch.Tensor, counts: list[int], intermediate: int) -> Pad
     return _eligible_plan(orientation, x_TD.dtype, P, D, intermediate, chunk)
 
 
-def _eligible_plan(orientation, dtype, P: int, D: int, intermediate: int, chunk: int, aligned: bool = False):
+def _eligible_plan(
+    orientation, dtype, P: int, D: int, intermediate: int, chunk: int, aligned=False, rows_down_input=False
+):
     """The plan, if both projections' batched GEMMs pass the alignment check (at every offset, or with `aligned`
     at every `CPU_ALIGNMENT`-aligned one), else None."""
     for O, X in ((2 * intermediate, D), (D, intermediate)):  # gate/up, then down
         if not _bmm_eligible(orientation, dtype, P, O, X, aligned):
             return None
-    return PaddedPlan(orientation, chunk, aligned)
+    return PaddedPlan(orientation, chunk, aligned, rows_down_input)
 
 
 def cpu_aligned(t: torch.Tensor) -> torch.Tensor:

@@ -43,7 +43,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_moe import MoeConfig
-from .cpu_kernels import CPU_ALIGNMENT
+from .cpu_kernels import cpu_aligned
 from .experts import OUR_EXPERTS_IMPLEMENTATIONS, MoeExperts
 from .losses import (
     importance_loss,
@@ -598,8 +598,8 @@ def _align_cpu_tensors(model: nn.Module) -> None:
             for name, t in tensors.items():
                 if t is None or t.device.type != "cpu" or type(t.data) is not torch.Tensor:
                     continue
-                if t.data_ptr() % CPU_ALIGNMENT:
-                    aligned = t.data.clone(memory_format=torch.contiguous_format)
+                aligned = cpu_aligned(t.data)
+                if aligned.data_ptr() != t.data_ptr():
                     if isinstance(t, nn.Parameter):
                         t.data = aligned  # every module holding this Parameter sees the copy
                     else:
